@@ -1,0 +1,349 @@
+"""The T5 encoder that reads ELLA prompts: loading from every layout, and encoding.
+
+`load_t5` builds transformers' `T5EncoderModel` on the meta device and fills it
+with tensors read one at a time straight into the target dtype, so loading
+never holds a second full-precision copy. Key names are mapped from the
+transformers layout (`shared.`, `encoder.`), any prefix in front of it, or a
+bare encoder stack (`block.N...`); decoder and lm_head weights are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from .errors import EllaError, EllaLoadError
+from .safetensors_io import TensorInfo, load_tensors, read_header
+from .t5_files import WeightFiles, find_tokenizer, find_weights
+from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
+
+__all__ = [
+    "T5_MAX_TOKENS", "EncodedPrompts", "T5Encoder", "TokenizedPrompts", "infer_t5_config", "load_t5",
+    "resolve_dtype",
+]
+
+log = logging.getLogger("ELLA")
+
+EXPECTED = "a T5 encoder such as google/flan-t5-xl (safetensors)"
+_PROBE = "block.0.layer.0.SelfAttention.q.weight"
+_EMBED = "shared.weight"
+_TIED = "encoder.embed_tokens.weight"
+_IGNORED = ("decoder.", "lm_head.")
+_DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_HINTS = {
+    "model.diffusion_model.": "this looks like a Stable Diffusion checkpoint",
+    "text_model.": "this looks like a CLIP text encoder",
+    "connector.": "this looks like the ELLA connector (ella-sd1.5-tsc-t5xl.safetensors), not T5",
+    "time_embedding.": "this looks like the ELLA connector (ella-sd1.5-tsc-t5xl.safetensors), not T5",
+}
+
+
+@dataclass
+class EncodedPrompts:
+    """T5 features of a batch of prompts with their masks and token bookkeeping."""
+
+    features: torch.Tensor  # [B, L, d_model], on the encoder's device, in its dtype
+    mask: torch.Tensor  # [B, L] bool, True = real token (EOS included)
+    token_counts: list[int]  # tokens per prompt before truncation, EOS included
+    truncated: list[bool]
+    fixed_length: int | None  # N in fixed mode, None in flexible mode
+
+    @property
+    def connector_mask(self) -> torch.Tensor:
+        """What the ELLA connector attends to: every token in fixed mode (as trained), real tokens otherwise."""
+        return torch.ones_like(self.mask) if self.fixed_length is not None else self.mask
+
+
+class T5Encoder(torch.nn.Module):
+    """A T5 encoder with its tokenizer; `encode` turns prompts into ELLA's T5 features.
+
+    An nn.Module with plain, settable `device` and `dtype` attributes, so ComfyUI's ModelPatcher can
+    manage it (it sets `module.device`; the transformers model in `.model` has a read-only `device`).
+    """
+
+    def __init__(self, model: T5EncoderModel, tokenizer: T5PromptTokenizer, path: Path, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: T5Config = model.config
+        self.path = path
+        self.dtype = dtype
+        self.device = model.shared.weight.device
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"path={str(self.path)!r}, layers={c.num_layers}, d_model={c.d_model}, dtype={self.dtype}"
+
+    def to(self, *args: object, **kwargs: object) -> T5Encoder:
+        """nn.Module.to that keeps `device` and `dtype` in step with the weights; returns self."""
+        super().to(*args, **kwargs)
+        self.device = self.model.shared.weight.device
+        self.dtype = self.model.shared.weight.dtype
+        return self
+
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> TokenizedPrompts:
+        """Token ids, mask and counts of prompts, without running the model."""
+        return self.tokenizer.tokenize(texts, max_length)
+
+    def encode(self, texts: str | Sequence[str], max_length: int | None = None) -> EncodedPrompts:
+        """Encode prompts: flexible mode (max_length None) or fixed mode (pad/truncate to max_length)."""
+        tokens = self.tokenize(texts, max_length)
+        device = self.model.shared.weight.device  # where the inputs are read, whatever moved the weights
+        mask = tokens.mask.to(device)
+        with torch.no_grad():
+            out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask.long())
+        features = out.last_hidden_state
+        self._check_finite(features)
+        return EncodedPrompts(features, mask, tokens.token_counts, tokens.truncated, tokens.fixed_length)
+
+    def _check_finite(self, features: torch.Tensor) -> None:
+        bad = (~torch.isfinite(features)).flatten(1).any(1)
+        if not bad.any():
+            return
+        rows = ", ".join(str(i + 1) for i in bad.nonzero().flatten().tolist())
+        dtype = str(features.dtype).removeprefix("torch.")
+        advice = ("T5 overflowed in float16; load T5 as bfloat16 or float32" if dtype == "float16"
+                  else "the T5 weights may be damaged; download them again")
+        raise EllaError(f"{self.path}: T5 produced non-finite features (inf/NaN) in {dtype} for prompt(s) {rows}; {advice}.")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The load dtype: None means float16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.lower().removeprefix("torch."), dtype)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise EllaError(f"Unsupported T5 dtype {dtype!r}; use float16, bfloat16 or float32 (or None for the default).")
+    return dtype
+
+
+def load_t5(
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> T5Encoder:
+    """Load a T5 encoder (e.g. FLAN-T5-XL) and its tokenizer from a folder, HF cache folder or single file."""
+    start = time.perf_counter()
+    device = _device(device)
+    dtype = resolve_dtype(dtype, device)
+    weights = find_weights(path)
+    sources = _collect_sources(weights)
+    tok = read_tokenizer_file(find_tokenizer(tokenizer, weights))
+    config = _read_config(weights.config) if weights.config else infer_t5_config(
+        {name: src.info.shape for name, src in sources.items()}, label=weights.label)
+    with torch.device("meta"):
+        model = T5EncoderModel(_encoder_config(config))
+    _check_keys(weights.label, sources, model)
+    _check_vocab(tok, config, weights.label)
+    _load_weights(model, sources, dtype, device)
+    _register_fp16_clamp(model)
+    encoder = T5Encoder(model, tok, Path(path), dtype)
+    encoder.eval().requires_grad_(False)
+    log.info("ELLA: loaded T5 encoder %s (%d layers, d_model %d) as %s on %s in %.1f s",
+             weights.label, config.num_layers, config.d_model, dtype, device, time.perf_counter() - start)
+    return encoder
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EllaError(f"Unknown device {device!r} ({e}).") from None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one encoder tensor lives: file, key in that file, header info."""
+
+    file: Path
+    key: str
+    info: TensorInfo
+
+
+def _collect_sources(weights: WeightFiles) -> dict[str, _Source]:
+    """Map each encoder tensor's transformers name to where it lives; reject non-T5 files."""
+    headers = {f: read_header(f, expected=EXPECTED) for f in weights.files}
+    keys = [k for h in headers.values() for k in h]
+    root = _find_root(keys)
+    if root is None:
+        raise _not_t5(weights.label, keys)
+    sources: dict[str, _Source] = {}
+    for file, header in headers.items():
+        for key, info in header.items():
+            name = _canonical(key, *root)
+            if name is not None:
+                sources.setdefault(name, _Source(file, key, info))
+    if _EMBED not in sources and _TIED in sources:
+        sources[_EMBED] = sources[_TIED]
+    sources.pop(_TIED, None)
+    return sources
+
+
+def _find_root(keys: list[str]) -> tuple[str, bool] | None:
+    """(prefix, bare_stack): the prefix in front of transformers' names, and whether `encoder.` is absent."""
+    for key in sorted(keys):
+        if key.endswith("encoder." + _PROBE):
+            return key[: -len("encoder." + _PROBE)], False
+    for key in sorted(keys):
+        if key.endswith(_PROBE) and not key.endswith("decoder." + _PROBE):
+            return key[: -len(_PROBE)], True
+    return None
+
+
+def _canonical(key: str, prefix: str, bare_stack: bool) -> str | None:
+    """Transformers' T5EncoderModel name for a file key; None for keys to ignore (decoder, lm_head, others)."""
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix):]
+    if bare_stack and rest != _EMBED:
+        rest = _EMBED if rest == "embed_tokens.weight" else "encoder." + rest
+    return None if rest.startswith(_IGNORED) else rest
+
+
+def _not_t5(label: Path, keys: list[str]) -> EllaLoadError:
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+    hint = next((h for p, h in _HINTS.items() if any(k.startswith(p) or f".{p}" in k for k in keys)), "")
+    return EllaLoadError(
+        f"{label}: not a T5 encoder{' (' + hint + ')' if hint else ''}. Expected {EXPECTED}, with keys like "
+        f"encoder.{_PROBE} and shared.weight; found keys like {sample}."
+    )
+
+
+def infer_t5_config(shapes: dict[str, tuple[int, ...]], *, label: Path | str = "weights") -> T5Config:
+    """Infer a T5 encoder config from transformers-named tensor shapes."""
+    need = [_EMBED, "encoder." + _PROBE, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise _key_error(label, missing, [], None)
+    vocab, d_model = shapes[_EMBED]
+    buckets, heads = shapes[need[2]]
+    inner = shapes[need[1]][0]
+    ff = "encoder.block.0.layer.1.DenseReluDense."
+    gated = ff + "wi_0.weight" in shapes
+    d_ff_key = ff + ("wi_0.weight" if gated else "wi.weight")
+    if d_ff_key not in shapes:
+        raise _key_error(label, [d_ff_key], [], None)
+    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.") and k.split(".")[2].isdigit())
+    return T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=shapes[d_ff_key][0], num_layers=layers,
+        num_heads=heads, relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False,
+    )
+
+
+def _read_config(path: Path) -> T5Config:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise EllaLoadError(f"{path}: cannot read config.json ({e}); download it again.") from None
+    model_type = data.get("model_type", "t5")
+    if model_type not in ("t5", "mt5"):
+        raise EllaLoadError(f"{path}: config.json describes a {model_type!r} model; expected {EXPECTED}.")
+    try:
+        return T5Config.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise EllaLoadError(f"{path}: config.json is not a valid T5 config ({e}).") from None
+
+
+def _encoder_config(config: T5Config) -> T5Config:
+    config.is_decoder = False
+    config.is_encoder_decoder = False
+    config.use_cache = False
+    return config
+
+
+def _check_keys(label: Path, sources: dict[str, _Source], model: T5EncoderModel) -> None:
+    """Compare the file's encoder tensors with the model's: names first, then shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != _TIED}
+    missing = sorted(set(expected) - set(sources))
+    unexpected = sorted(sources[k].key for k in set(sources) - set(expected))
+    if missing or unexpected:
+        raise _key_error(label, missing, unexpected, model.config)
+    wrong = [f"{sources[k].key} {list(sources[k].info.shape)} (expected {list(s)})"
+             for k, s in expected.items() if tuple(sources[k].info.shape) != s]
+    if wrong:
+        raise EllaLoadError(
+            f"{label}: tensor shapes do not match the T5 config ({_describe(model.config)}): "
+            f"{'; '.join(wrong[:3])}. The config.json and the weights belong to different models."
+        )
+
+
+def _key_error(label: Path | str, missing: list[str], unexpected: list[str], config: T5Config | None) -> EllaLoadError:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}")
+    shape = f" ({_describe(config)})" if config is not None else ""
+    return EllaLoadError(
+        f"{label}: does not match a T5 encoder{shape}: {'; '.join(parts)}. Expected {EXPECTED}; "
+        "the file may be incomplete, damaged, or another model."
+    )
+
+
+def _describe(config: T5Config) -> str:
+    return (f"{config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
+            f"d_kv {config.d_kv}, d_ff {config.d_ff}, vocab {config.vocab_size}")
+
+
+def _check_vocab(tok: T5PromptTokenizer, config: T5Config, label: Path) -> None:
+    if tok.vocab_size > config.vocab_size:
+        raise EllaLoadError(
+            f"{tok.path}: tokenizer has {tok.vocab_size} tokens but the T5 weights {label} have only "
+            f"{config.vocab_size} embeddings; the tokenizer belongs to another model."
+        )
+
+
+def _load_weights(model: T5EncoderModel, sources: dict[str, _Source], dtype: torch.dtype, device: torch.device) -> None:
+    """Read tensors one at a time, each cast to `dtype` on reading, then assign them into the meta model."""
+    by_file: dict[Path, list[str]] = {}
+    for name, src in sources.items():
+        by_file.setdefault(src.file, []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        loaded = load_tensors(file, dtype=dtype, device=device, keys=[sources[n].key for n in names], expected=EXPECTED)
+        for name in names:
+            state[name] = loaded.pop(sources[name].key)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight  # tie: one tensor, moved once
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise EllaLoadError(f"T5 tensors left unloaded: {', '.join(left[:3])}")
+
+
+def _clamp_fp16(module: torch.nn.Module, args: tuple, output: tuple | torch.Tensor) -> tuple | torch.Tensor | None:
+    """Forward hook on a T5 block: clamp fp16 hidden states that overflowed, as transformers' T5 does."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if hidden.dtype != torch.float16:
+        return None
+    fmax = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(hidden).any(), fmax - 1000, fmax).to(hidden.dtype)
+    hidden = torch.clamp(hidden, min=-limit, max=limit)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _register_fp16_clamp(model: T5EncoderModel) -> None:
+    """Clamp fp16 overflow after every block of this model instance only (no global patching).
+
+    transformers 5.24's T5Block still clamps fp16 inf itself; the hook keeps that behaviour if a
+    version drops it, and is a no-op on top of it (clamping twice is the same as once).
+    """
+    for block in model.encoder.block:
+        block.register_forward_hook(_clamp_fp16)

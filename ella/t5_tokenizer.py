@@ -1,0 +1,179 @@
+"""T5 prompt tokenization: tokenizer.json (via `tokenizers`) or spiece.model (via `sentencepiece`).
+
+Prompts end with the EOS token `</s>` and are padded with `<pad>`, as the T5
+tokenizers of transformers do. Two modes: flexible (max_length None: no padding
+beyond the longest prompt of a batch, hard cap of 512 tokens) and fixed
+(max_length N: pad or truncate every prompt to exactly N tokens, the ELLA
+training setting with N = 128).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import EllaError, EllaLoadError
+from .t5_files import find_tokenizer, find_weights
+
+log = logging.getLogger("ELLA")
+
+T5_MAX_TOKENS = 512
+
+
+@dataclass
+class TokenizedPrompts:
+    """Token ids of a batch of prompts, padded to one length, with counts before truncation."""
+
+    input_ids: torch.Tensor  # [B, L] int64
+    mask: torch.Tensor  # [B, L] bool, True = real token (EOS included)
+    token_counts: list[int]  # tokens per prompt before truncation, EOS included
+    truncated: list[bool]
+    fixed_length: int | None  # N in fixed mode, None in flexible mode
+
+
+class T5PromptTokenizer:
+    """A T5 SentencePiece vocabulary that turns prompts into token ids."""
+
+    def __init__(self, path: Path, encode_batch: Callable[[list[str]], list[list[int]]],
+                 eos_id: int, pad_id: int, vocab_size: int) -> None:
+        self.path = path
+        self._encode_batch = encode_batch
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+
+    def __repr__(self) -> str:
+        return f"T5PromptTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens."""
+        return self._encode_batch(list(texts))
+
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> TokenizedPrompts:
+        """Tokenize prompts: EOS appended, truncated to max_length (or 512), padded to one length."""
+        texts = prompt_list(texts)
+        limit = check_max_length(max_length) or T5_MAX_TOKENS
+        rows, counts = [], []
+        for i, ids in enumerate(self.encode(texts)):
+            ids = [*ids, self.eos_id]
+            counts.append(len(ids))
+            if len(ids) > limit:
+                _log_truncation(i, len(texts), len(ids), limit)
+                ids = [*ids[: limit - 1], self.eos_id]
+            rows.append(ids)
+        length = max_length or max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, : len(ids)] = True
+        truncated = [c > limit for c in counts]
+        return TokenizedPrompts(input_ids, mask, counts, truncated, max_length)
+
+
+def prompt_list(texts: str | Sequence[str]) -> list[str]:
+    """One prompt or a list of prompts, checked, as a list."""
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    if not texts:
+        raise EllaError("No prompt given: pass a string or a non-empty list of strings.")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise EllaError(f"Prompts must be strings; got {', '.join(sorted(set(bad)))}.")
+    return texts
+
+
+def check_max_length(max_length: int | None) -> int | None:
+    """Validate max_length: None (flexible mode) or an int in 1..512 (fixed mode)."""
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= T5_MAX_TOKENS:
+        raise EllaError(f"max_length must be None (flexible) or a whole number from 1 to {T5_MAX_TOKENS}; got {max_length!r}.")
+    return max_length
+
+
+def _log_truncation(index: int, total: int, count: int, limit: int) -> None:
+    which = f"prompt {index + 1} of {total}" if total > 1 else "the prompt"
+    dropped = count - limit
+    if count > T5_MAX_TOKENS:
+        log.warning("ELLA: %s has %d T5 tokens, more than T5 reads (%d); the last %d tokens were dropped (%d kept).",
+                    which, count, T5_MAX_TOKENS, dropped, limit)
+    else:
+        log.info("ELLA: %s has %d T5 tokens; fixed length %d drops the last %d.", which, count, limit, dropped)
+
+
+def load_t5_tokenizer(path: str | os.PathLike) -> T5PromptTokenizer:
+    """Load a tokenizer from a tokenizer.json / spiece.model file, a folder holding one, or a T5 model path."""
+    path = Path(path).expanduser()
+    if path.is_file() and _is_tokenizer_file(path):
+        return read_tokenizer_file(path)
+    try:
+        weights = find_weights(path)
+    except EllaLoadError:
+        return read_tokenizer_file(find_tokenizer(path, None))  # a tokenizer-only folder, or a clear error
+    return read_tokenizer_file(find_tokenizer(None, weights))
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".model") or (name.endswith(".json") and name != "config.json" and not name.endswith(".index.json"))
+
+
+def read_tokenizer_file(path: Path) -> T5PromptTokenizer:
+    """Read tokenizer.json (any *.json) with `tokenizers` or a SentencePiece *.model with `sentencepiece`."""
+    if path.name.lower().endswith(".model"):
+        return _read_spiece(path)
+    if path.name.lower().endswith(".json"):
+        return _read_tokenizer_json(path)
+    raise EllaLoadError(f"{path}: not a tokenizer file; expected tokenizer.json or spiece.model of a T5 model.")
+
+
+def _read_tokenizer_json(path: Path) -> T5PromptTokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+        raise EllaLoadError(f"{path}: cannot read tokenizer ({e}); expected tokenizer.json of a T5 model.") from None
+    tok.no_truncation()
+    tok.no_padding()
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    return _checked(path, encode_batch, tok.token_to_id("</s>"), tok.token_to_id("<pad>"),
+                    tok.get_vocab_size(with_added_tokens=True))
+
+
+def _read_spiece(path: Path) -> T5PromptTokenizer:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad files
+        raise EllaLoadError(f"{path}: cannot read SentencePiece model ({e}); expected spiece.model of a T5 model.") from None
+
+    def piece_id(piece: str) -> int | None:
+        i = sp.piece_to_id(piece)
+        return i if sp.id_to_piece(i) == piece else None
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in sp.encode(texts)]
+
+    return _checked(path, encode_batch, piece_id("</s>"), piece_id("<pad>"), sp.get_piece_size())
+
+
+def _checked(path: Path, encode_batch: Callable[[list[str]], list[list[int]]], eos: int | None,
+             pad: int | None, vocab_size: int) -> T5PromptTokenizer:
+    if eos is None or pad is None:
+        raise EllaLoadError(
+            f"{path}: not a T5 tokenizer (it has no '</s>' and '<pad>' tokens); use tokenizer.json or "
+            "spiece.model of google/flan-t5-xl."
+        )
+    return T5PromptTokenizer(path, encode_batch, eos, pad, vocab_size)

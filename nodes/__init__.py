@@ -1,0 +1,22 @@
+"""ComfyUI glue of the ELLA pack: node classes, model patching and model folders."""
+
+from .apply import ApplyElla
+from .encode import EllaTextEncode
+from .folders import register_folders
+from .loaders import LoadEllaModel, LoadT5Encoder
+
+register_folders()
+
+PREFIX = "EllaNodes_"
+NODE_CLASS_MAPPINGS = {
+    PREFIX + "LoadEllaModel": LoadEllaModel,
+    PREFIX + "LoadT5Encoder": LoadT5Encoder,
+    PREFIX + "TextEncode": EllaTextEncode,
+    PREFIX + "ApplyElla": ApplyElla,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    PREFIX + "LoadEllaModel": "Load ELLA Model",
+    PREFIX + "LoadT5Encoder": "Load T5 Encoder (ELLA)",
+    PREFIX + "TextEncode": "ELLA Text Encode",
+    PREFIX + "ApplyElla": "Apply ELLA",
+}

@@ -1,0 +1,54 @@
+"""Nodes that load ELLA's two models: the connector and the T5 encoder."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+
+from .ella_handle import EllaHandle
+from .folders import ella_files, ella_path, t5_choices, t5_path
+from .t5_handle import DTYPES, T5Handle
+
+CATEGORY = "conditioning/ELLA"
+
+
+class LoadEllaModel:
+    """Load Model -> ELLA_CONNECTOR."""
+
+    DESCRIPTION = ("Loads ELLA's timestep-aware connector (ella-sd1.5-tsc-t5xl.safetensors) from models/ella. "
+                   "Connect it to 'Apply ELLA'.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ELLA_CONNECTOR",)
+    RETURN_NAMES = ("ella",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"ella_name": (ella_files(), {
+            "tooltip": "Connector file in models/ella (ella-sd1.5-tsc-t5xl.safetensors, 134 MB)."})}}
+
+    def load(self, ella_name: str) -> tuple[EllaHandle]:
+        return (EllaHandle(ella_path(ella_name), mm.unet_dtype()),)
+
+
+class LoadT5Encoder:
+    """Load T5 -> ELLA_T5."""
+
+    DESCRIPTION = ("Loads the FLAN-T5-XL text encoder ELLA reads prompts with: a folder (Hugging Face layout, "
+                   "HF cache, or the authors' models--google--flan-t5-xl--text_encoder) or one encoder-only "
+                   ".safetensors file from models/text_encoders, models/clip or models/ella_encoder.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ELLA_T5",)
+    RETURN_NAMES = ("t5",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "t5_name": (sorted(t5_choices()), {"tooltip": "T5 folder or encoder file."}),
+            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": (
+                "auto: fp16 on a GPU (what ELLA was trained with), fp32 on CPU. bf16 or fp32 on a GPU "
+                "change images noticeably.")}),
+        }}
+
+    def load(self, t5_name: str, dtype: str) -> tuple[T5Handle]:
+        return (T5Handle(t5_path(t5_name), dtype),)

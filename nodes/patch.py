@@ -1,0 +1,157 @@
+"""Patch a ComfyUI MODEL so every model evaluation gets ELLA context for its own sigma.
+
+Current hosts: a keyed CALC_COND_BATCH wrapper rewrites each conditioning entry before batching, so
+the UNet and ControlNet both see the context. Older hosts: a model_function_wrapper (chained to any
+wrapper already there) swaps the context into the batched call. Both are reversible with `remove_ella`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+import torch
+import comfy.conds
+import comfy.model_patcher
+import comfy.utils
+
+from ..ella import Connector
+
+from .context import ContextBuilder
+from .host import CALC_COND_BATCH
+from .payload import KEY, EllaPrompt
+
+log = logging.getLogger("ELLA")
+WRAPPER_KEY = "ella_nodes"
+
+
+def _with_clip(ella: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """ELLA's tokens followed by CLIP's, in the ELLA tokens' dtype and device."""
+    clip = comfy.utils.repeat_to_batch_size(clip, ella.shape[0]).to(ella.device, ella.dtype)
+    return torch.cat([ella, clip], dim=1)
+
+
+class _Hook:
+    """Shared state of both hook kinds: the connector and its context builder."""
+
+    def __init__(self, connector: Connector) -> None:
+        self.builder = ContextBuilder(connector)
+
+    def __deepcopy__(self, memo: dict) -> "_Hook":  # ModelPatcher.clone deep-copies model_options
+        return self
+
+    def to(self, device_or_dtype: Any) -> "_Hook":
+        """Follow the UNet when the host moves model patches (dtype is fixed at Apply ELLA)."""
+        if not isinstance(device_or_dtype, torch.dtype):
+            self.builder.connector.to(device_or_dtype)
+        return self
+
+    def _follow(self, device: torch.device) -> None:
+        connector = self.builder.connector
+        if connector.connector.latents.device != device:
+            connector.to(device)
+
+
+class CondBatchHook(_Hook):
+    """CALC_COND_BATCH wrapper: replaces each ELLA entry's c_crossattn before ComfyUI batches entries."""
+
+    def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
+                 timestep: torch.Tensor, model_options: dict) -> Any:
+        entries = [e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]]
+        if entries:
+            self._follow(x_in.device)
+            contexts = self._contexts(model, entries, timestep)
+            conds = [None if cond is None else [contexts.get(id(e), e) for e in cond] for cond in conds]
+        return executor(model, conds, x_in, timestep, model_options)
+
+    def _contexts(self, model: Any, entries: list[dict], sigmas: torch.Tensor) -> dict[int, dict]:
+        timesteps = model.model_sampling.timestep(sigmas).float()
+        rows = timesteps.shape[0] if bool((timesteps != timesteps[0]).any()) else 1
+        prompts = [e["model_conds"][KEY].cond[0] for e in entries]
+        tokens = self.builder.ella_tokens([p for p in prompts for _ in range(rows)],
+                                          timesteps[:rows].repeat(len(prompts)))
+        out = {}
+        for i, (entry, prompt) in enumerate(zip(entries, prompts)):
+            context = tokens[i * rows:(i + 1) * rows]
+            model_conds = {k: v for k, v in entry["model_conds"].items() if k != KEY}
+            if prompt.clip_tokens:
+                context = _with_clip(context, model_conds["c_crossattn"].cond)
+            model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
+            out[id(entry)] = {**entry, "model_conds": model_conds}
+        return out
+
+
+class ModelFunctionHook(_Hook):
+    """model_function_wrapper: swaps the batched c_crossattn at model-call time; calls `inner` if set."""
+
+    def __init__(self, connector: Connector, inner: Callable | None) -> None:
+        super().__init__(connector)
+        self.inner = inner
+
+    def __deepcopy__(self, memo: dict) -> "ModelFunctionHook":
+        twin = ModelFunctionHook.__new__(ModelFunctionHook)
+        twin.builder, twin.inner = self.builder, copy.deepcopy(self.inner, memo)
+        return twin
+
+    def to(self, device_or_dtype: Any) -> "ModelFunctionHook":
+        super().to(device_or_dtype)
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device_or_dtype)
+        return self
+
+    def __call__(self, apply_model: Callable, args: dict) -> torch.Tensor:
+        c = args["c"]
+        if KEY in c:
+            c = dict(c)
+            prompts: tuple[EllaPrompt, ...] = c.pop(KEY)
+            self._follow(args["input"].device)
+            timesteps = apply_model.__self__.model_sampling.timestep(args["timestep"]).float()
+            context = self.builder.ella_tokens(prompts, timesteps)
+            if prompts[0].clip_tokens:
+                context = _with_clip(context, c["c_crossattn"])
+            c["c_crossattn"] = context
+            args = {**args, "c": c}
+        if self.inner is not None:
+            return self.inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def apply_ella(model: comfy.model_patcher.ModelPatcher, connector: Connector) -> comfy.model_patcher.ModelPatcher:
+    """A clone of `model` whose sampling gives ELLA conditioning its context; applying again replaces."""
+    patched = remove_ella(model)
+    if CALC_COND_BATCH:
+        patched.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, CondBatchHook(connector))
+        patched.set_additional_models(WRAPPER_KEY, [comfy.model_patcher.ModelPatcher(
+            connector, load_device=model.load_device, offload_device=model.offload_device)])
+    else:
+        inner = patched.model_options.get("model_function_wrapper")
+        patched.set_model_unet_function_wrapper(ModelFunctionHook(connector, inner))
+    return patched
+
+
+def remove_ella(model: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
+    """A clone of `model` without ELLA's hooks; other packs' wrappers stay as they were."""
+    clean = model.clone()
+    if CALC_COND_BATCH:
+        clean.remove_wrappers_with_key(CALC_COND_BATCH, WRAPPER_KEY)
+        if not clean.wrappers.get(CALC_COND_BATCH, True):
+            del clean.wrappers[CALC_COND_BATCH]
+        clean.remove_additional_models(WRAPPER_KEY)
+        return clean
+    wrapper = clean.model_options.get("model_function_wrapper")
+    if isinstance(wrapper, ModelFunctionHook):
+        if wrapper.inner is None:
+            del clean.model_options["model_function_wrapper"]
+        else:
+            clean.model_options["model_function_wrapper"] = wrapper.inner
+    return clean
+
+
+def ella_builder(model: comfy.model_patcher.ModelPatcher) -> ContextBuilder | None:
+    """The context builder ELLA installed on `model`, or None (for tests and benchmarks)."""
+    if CALC_COND_BATCH:
+        hooks = model.get_wrappers(CALC_COND_BATCH, WRAPPER_KEY)
+        return hooks[0].builder if hooks else None
+    wrapper = model.model_options.get("model_function_wrapper")
+    return wrapper.builder if isinstance(wrapper, ModelFunctionHook) else None

