@@ -260,3 +260,36 @@ def test_loaders_refuse_unlisted_names(env):
         pack.nodes.loaders.LoadEllaModel().load("../../etc/passwd")
     with pytest.raises(EllaLoadError, match="not in the text encoder folders"):
         pack.nodes.loaders.LoadT5Encoder().load("/etc", "auto")
+
+
+def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    import nodes
+    from safetensors.torch import save_file
+    pack, unet, ella, _, _ = env
+    config = dict(unet.model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator().manual_seed(5)
+    state = {f"control_model.{k}": torch.randn(v.shape, generator=gen) * 0.02
+             for k, v in comfy.cldm.cldm.ControlNet(**config).state_dict().items()}
+    save_file(state, str(tmp_path / "control.safetensors"))
+    control = comfy.controlnet.load_controlnet(str(tmp_path / "control.safetensors"))
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    pos = nodes.ControlNetApply().apply_controlnet(encode(env, "a house"), control, torch.rand(1, 64, 64, 3), 1.0)[0]
+    seen = []
+    hook = control.control_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["context"].clone()), with_kwargs=True)
+    try:
+        with UNetSpy(unet) as spy:
+            sample(model, pos, encode(env, ""), steps=2)
+    finally:
+        hook.remove()
+    assert len(seen) == len(spy.calls) == 2
+    for control_context, (_, unet_context, _, _) in zip(seen, spy.calls):
+        if pack.nodes.host.CALC_COND_BATCH:
+            assert torch.equal(control_context, unet_context)
+        else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)
+            assert not control_context.any() and unet_context.any()
