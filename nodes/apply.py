@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..ella import EllaError
-
 from .ella_handle import EllaHandle
 from .loaders import CATEGORY
 from .patch import apply_ella

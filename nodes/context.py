@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 
 from ..ella import Connector
-
 from .payload import EllaPrompt
 
 
@@ -25,7 +24,7 @@ class ContextBuilder:
         device, dtype = weight.device, weight.dtype
         distinct: dict[tuple[int, float], int] = {}
         row_index = [distinct.setdefault((id(p.features), t), len(distinct))
-                     for p, t in zip(prompts, timesteps.tolist())]
+                     for p, t in zip(prompts, timesteps.tolist(), strict=True)]
         by_id = {id(p.features): p for p in prompts}
         keys = list(distinct)
         features, mask = _pad([by_id[pid] for pid, _ in keys], device, dtype)

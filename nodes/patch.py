@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import torch
 import comfy.conds
 import comfy.model_patcher
 import comfy.utils
+import torch
 
 from ..ella import Connector
-
 from .context import ContextBuilder
 from .host import CALC_COND_BATCH
 from .payload import KEY, EllaPrompt
@@ -38,10 +38,10 @@ class _Hook:
     def __init__(self, connector: Connector) -> None:
         self.builder = ContextBuilder(connector)
 
-    def __deepcopy__(self, memo: dict) -> "_Hook":  # ModelPatcher.clone deep-copies model_options
+    def __deepcopy__(self, memo: dict) -> _Hook:  # ModelPatcher.clone deep-copies model_options
         return self
 
-    def to(self, device_or_dtype: Any) -> "_Hook":
+    def to(self, device_or_dtype: Any) -> _Hook:
         """Follow the UNet when the host moves model patches (dtype is fixed at Apply ELLA)."""
         if not isinstance(device_or_dtype, torch.dtype):
             self.builder.connector.to(device_or_dtype)
@@ -72,7 +72,7 @@ class CondBatchHook(_Hook):
         tokens = self.builder.ella_tokens([p for p in prompts for _ in range(rows)],
                                           timesteps[:rows].repeat(len(prompts)))
         out = {}
-        for i, (entry, prompt) in enumerate(zip(entries, prompts)):
+        for i, (entry, prompt) in enumerate(zip(entries, prompts, strict=True)):
             context = tokens[i * rows:(i + 1) * rows]
             model_conds = {k: v for k, v in entry["model_conds"].items() if k != KEY}
             if prompt.clip_tokens:
@@ -89,12 +89,12 @@ class ModelFunctionHook(_Hook):
         super().__init__(connector)
         self.inner = inner
 
-    def __deepcopy__(self, memo: dict) -> "ModelFunctionHook":
+    def __deepcopy__(self, memo: dict) -> ModelFunctionHook:
         twin = ModelFunctionHook.__new__(ModelFunctionHook)
         twin.builder, twin.inner = self.builder, copy.deepcopy(self.inner, memo)
         return twin
 
-    def to(self, device_or_dtype: Any) -> "ModelFunctionHook":
+    def to(self, device_or_dtype: Any) -> ModelFunctionHook:
         super().to(device_or_dtype)
         if hasattr(self.inner, "to"):
             self.inner = self.inner.to(device_or_dtype)

@@ -7,11 +7,10 @@ batch sizes alike.
 
 from __future__ import annotations
 
-import torch
 import comfy.conds
+import torch
 
 from ..ella import EllaError
-
 from .host import CALC_COND_BATCH
 
 KEY = "ella_prompt"
@@ -44,7 +43,7 @@ class EllaCond(comfy.conds.CONDRegular):
     def __init__(self, cond: tuple[EllaPrompt, ...]) -> None:
         self.cond = cond
 
-    def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> "EllaCond":
+    def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> EllaCond:
         if CALC_COND_BATCH:  # Apply ELLA rewrites entries before this point on such hosts
             raise EllaError("ELLA conditioning reached a model without ELLA: connect the MODEL through "
                             "'Apply ELLA' before the sampler.")
@@ -55,7 +54,7 @@ class EllaCond(comfy.conds.CONDRegular):
         return isinstance(other, EllaCond) and {p.clip_tokens for p in self.cond + other.cond} == {
             self.cond[0].clip_tokens}
 
-    def concat(self, others: list["EllaCond"]) -> tuple[EllaPrompt, ...]:
+    def concat(self, others: list[EllaCond]) -> tuple[EllaPrompt, ...]:
         return self.cond + tuple(p for o in others for p in o.cond)
 
     def size(self) -> list[int]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 import comfy.model_management as mm
 import comfy.model_patcher
+import torch
 
 from .. import ella
-
 from .payload import EllaPrompt
 
 CACHE_SIZE = 64

@@ -30,8 +30,8 @@ def boot(root: Path):
     if "ella_pack" in sys.modules:
         return sys.modules["ella_pack"]
     sys.path.insert(0, str(root))
-    import comfy.options  # noqa: F401  (argument parsing stays off)
     import comfy.cli_args
+    import comfy.options  # noqa: F401  (argument parsing stays off)
     comfy.cli_args.args.cpu = True
     try:
         import utils.extra_config  # noqa: F401  (current hosts: before `nodes`, as main.py does)

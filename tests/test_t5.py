@@ -11,14 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import T5EncoderModel
-
-import ella.safetensors_io as safetensors_io
-import ella.t5
-from ella.errors import EllaError, EllaLoadError
-from ella.t5 import T5_MAX_TOKENS, EncodedPrompts, T5Encoder, _clamp_fp16, infer_t5_config, load_t5, resolve_dtype
-from ella.t5_tokenizer import load_t5_tokenizer
-
 from t5_fixtures import (
     AUTHORS_FOLDER,
     LAYOUTS,
@@ -30,6 +22,13 @@ from t5_fixtures import (
     tiny_t5_state_dict,
     write_t5_tokenizer,
 )
+from transformers import T5EncoderModel
+
+import ella.safetensors_io as safetensors_io
+import ella.t5
+from ella.errors import EllaError, EllaLoadError
+from ella.t5 import T5_MAX_TOKENS, EncodedPrompts, T5Encoder, _clamp_fp16, infer_t5_config, load_t5, resolve_dtype
+from ella.t5_tokenizer import load_t5_tokenizer
 
 needs_real_tokenizer = pytest.mark.skipif(real_tokenizer_json() is None, reason="real T5 tokenizer.json not present")
 LONG_PROMPT = "a red cat " * 200  # 801 tokens with the real vocabulary (4 per repeat + EOS)
