@@ -6,7 +6,7 @@ import comfy.model_management as mm
 
 from .ella_handle import EllaHandle
 from .folders import ella_files, ella_path, t5_choices, t5_path
-from .t5_handle import DTYPES, T5Handle
+from .t5_handle import DTYPE_CHOICES, T5Handle
 
 CATEGORY = "conditioning/ELLA"
 
@@ -45,7 +45,7 @@ class LoadT5Encoder:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "t5_name": (sorted(t5_choices()), {"tooltip": "T5 folder or encoder file."}),
-            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": (
+            "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": (
                 "auto: fp16 on a GPU (what ELLA was trained with), fp32 on CPU. bf16 or fp32 on a GPU "
                 "change images noticeably.")}),
         }}

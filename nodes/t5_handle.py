@@ -10,17 +10,11 @@ import comfy.model_patcher
 import torch
 
 from .. import ella
+from ..ella.t5 import resolve_dtype
 from .payload import EllaPrompt
 
 CACHE_SIZE = 64
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def t5_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU (the authors' setting) and fp32 on CPU, where fp16 is slow or unsupported."""
-    if choice == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return DTYPES[choice]
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")  # auto: fp16 on CUDA (what ELLA was trained with), else fp32
 
 
 class _Holder(torch.nn.Module):
@@ -37,7 +31,8 @@ class T5Handle:
     def __init__(self, path: Path, dtype_choice: str = "auto") -> None:
         load_device = mm.text_encoder_device()
         offload_device = mm.text_encoder_offload_device()
-        self.encoder = ella.load_t5(path, device=offload_device, dtype=t5_dtype(dtype_choice, load_device))
+        dtype = resolve_dtype(None if dtype_choice == "auto" else dtype_choice, load_device)
+        self.encoder = ella.load_t5(path, device=offload_device, dtype=dtype)
         self.patcher = comfy.model_patcher.ModelPatcher(
             _Holder(self.encoder.model), load_device=load_device, offload_device=offload_device)
         self.encodes = 0

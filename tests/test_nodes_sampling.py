@@ -294,3 +294,12 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
             assert torch.equal(control_context, unet_context)
         else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)
             assert not control_context.any() and unet_context.any()
+
+
+def test_t5_dtype_choices(env):
+    pack, _, _, t5, _ = env
+    name = next(n for n, p in pack.nodes.folders.t5_choices().items() if p == t5.encoder.path)
+    assert t5.encoder.model.dtype == torch.float32  # auto on CPU
+    bf16 = pack.nodes.loaders.LoadT5Encoder().load(name, "bf16")[0]
+    assert bf16.encoder.model.dtype == torch.bfloat16
+    assert bf16.prompt("a bf16 prompt", None).features.dtype == torch.bfloat16
