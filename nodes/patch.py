@@ -8,7 +8,6 @@ wrapper already there) swaps the context into the batched call. Both are reversi
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,6 @@ from .context import ContextBuilder
 from .host import CALC_COND_BATCH
 from .payload import KEY, EllaPrompt
 
-log = logging.getLogger("ELLA")
 WRAPPER_KEY = "ella_nodes"
 
 
@@ -58,7 +56,8 @@ class CondBatchHook(_Hook):
 
     def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                  timestep: torch.Tensor, model_options: dict) -> Any:
-        entries = [e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]]
+        entries = [e for cond in conds if cond is not None for e in cond
+                   if KEY in e["model_conds"] and _in_range(e, timestep)]
         if entries:
             self._follow(x_in.device)
             contexts = self._contexts(model, entries, timestep)
@@ -80,6 +79,12 @@ class CondBatchHook(_Hook):
             model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
             out[id(entry)] = {**entry, "model_conds": model_conds}
         return out
+
+
+def _in_range(entry: dict, sigmas: torch.Tensor) -> bool:
+    """Whether ComfyUI will run this entry at these sigmas (its timestep range, as get_area_and_mult reads it)."""
+    start, end = entry.get("timestep_start"), entry.get("timestep_end")
+    return not ((start is not None and sigmas[0] > start) or (end is not None and sigmas[0] < end))
 
 
 class ModelFunctionHook(_Hook):

@@ -166,10 +166,12 @@ def test_timestep_ranges_pick_the_prompt_per_evaluation(env):
     early = nodes.ConditioningSetTimestepRange().set_range(encode(env, "a rough sketch"), 0.0, 0.5)[0]
     late = nodes.ConditioningSetTimestepRange().set_range(encode(env, "fine details"), 0.5, 1.0)[0]
     positive = nodes.ConditioningCombine().combine(early, late)[0]
+    builder = pack.nodes.patch.ella_builder(model)
     with UNetSpy(unet) as spy:
         sample(model, positive, encode(env, ""), steps=6)
     seen = match_rows(env, spy, {"early": early, "late": late, "neg": encode(env, "")})
     assert min(t for n, t, _ in seen if n == "early") > max(t for n, t, _ in seen if n == "late")
+    assert builder.rows_computed == 2 * len(spy.calls)  # entries outside their range cost nothing
 
 
 def test_connector_runs_once_per_distinct_prompt_per_evaluation(env):
