@@ -33,4 +33,7 @@ class ApplyElla:
         if ella.config.out_width != width:
             raise EllaError(f"Apply ELLA: {ella.path.name} gives {ella.config.out_width}-wide tokens but this model's "
                             f"cross-attention expects {width}; use a connector made for this model.")
-        return (apply_ella(model, ella.for_dtype(model.model.get_dtype())),)
+        base = model.model
+        # the dtype the UNet computes in (fp8 storage computes in manual_cast_dtype)
+        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        return (apply_ella(model, ella.for_dtype(dtype)),)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..ella import Connector
+from ..ella import Connector, EllaError
 from .payload import EllaPrompt
 
 
@@ -26,6 +26,11 @@ class ContextBuilder:
         row_index = [distinct.setdefault((id(p.features), t), len(distinct))
                      for p, t in zip(prompts, timesteps.tolist(), strict=True)]
         by_id = {id(p.features): p for p in prompts}
+        for p in by_id.values():
+            if p.features.shape[-1] != self.connector.config.input_dim:
+                raise EllaError(f"ELLA: the T5 encoder gives {p.features.shape[-1]}-wide features but this ELLA "
+                                f"model reads {self.connector.config.input_dim}-wide ones; ella-sd1.5-tsc-t5xl "
+                                "needs FLAN-T5-XL (2048).")
         keys = list(distinct)
         features, mask = _pad([by_id[pid] for pid, _ in keys], device, dtype)
         t = torch.tensor([t for _, t in keys], device=device)

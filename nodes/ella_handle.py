@@ -1,27 +1,32 @@
-"""The ELLA_CONNECTOR value: a loaded connector, with copies cast to the dtype of each UNet it serves."""
+"""The ELLA_CONNECTOR value: a validated connector file, loaded once per compute dtype a UNet needs."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from .. import ella
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compute_dtype(dtype: torch.dtype | None, fallback: torch.dtype = torch.float32) -> torch.dtype:
+    """A dtype the connector can run in: storage-only types (fp8) and None give `fallback`."""
+    return dtype if dtype in COMPUTE_DTYPES else fallback
+
 
 class EllaHandle:
-    """A connector loaded once; `for_dtype` gives (and keeps) a copy in another dtype when a UNet needs it."""
+    """A connector file; `for_dtype` loads it from the file in each dtype asked for (no double rounding)."""
 
     def __init__(self, path: Path, dtype: torch.dtype) -> None:
         self.path = path
-        self._by_dtype = {dtype: ella.load_connector(path, dtype=dtype)}
-
-    @property
-    def config(self) -> ella.ConnectorConfig:
-        return next(iter(self._by_dtype.values())).config
+        first = ella.load_connector(path, dtype=compute_dtype(dtype))
+        self.config = first.config
+        self._by_dtype = {first.connector.latents.dtype: first}
 
     def for_dtype(self, dtype: torch.dtype) -> ella.Connector:
+        dtype = compute_dtype(dtype)
         if dtype not in self._by_dtype:
-            self._by_dtype[dtype] = copy.deepcopy(next(iter(self._by_dtype.values()))).to(dtype)
+            self._by_dtype[dtype] = ella.load_connector(self.path, dtype=dtype)
         return self._by_dtype[dtype]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ella import EllaError
 from .loaders import CATEGORY
 from .payload import KEY, EllaCond, EllaPrompt
 from .t5_handle import T5Handle
@@ -46,6 +47,9 @@ class EllaTextEncode:
         if clip_conditioning is None:
             placeholder = torch.zeros(1, NUM_LATENTS, CONTEXT_WIDTH)
             return ([[placeholder, {"model_conds": {KEY: EllaCond((prompt,))}}]],)
+        if any(KEY in extras.get("model_conds", {}) for _, extras in clip_conditioning):
+            raise EllaError("ELLA Text Encode: clip_conditioning must come from a CLIP Text Encode, "
+                            "not from another ELLA Text Encode.")
         out = []
         for clip_tokens, extras in clip_conditioning:
             row = EllaPrompt(prompt.features, prompt.mask, clip_tokens.shape[1])

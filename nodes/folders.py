@@ -27,8 +27,10 @@ def register_folders() -> None:
 
 
 def ella_files() -> list[str]:
-    """Connector files in the `ella` folders."""
-    return [f for f in folder_paths.get_filename_list(ELLA_FOLDER) if f.endswith(".safetensors")]
+    """Connector files in the `ella` folders (symlinks that lead out of them are left out)."""
+    bases = [Path(b) for b in _folders(ELLA_FOLDER)]
+    return [f for f in folder_paths.get_filename_list(ELLA_FOLDER)
+            if f.endswith(".safetensors") and _found_inside(f, bases)]
 
 
 def ella_path(name: str) -> Path:
@@ -46,11 +48,12 @@ def t5_choices() -> dict[str, Path]:
     for folder in TEXT_ENCODER_FOLDERS:
         for base in _folders(folder):
             for entry in sorted(_entries(Path(base))):
-                found.setdefault(entry.relative_to(base).as_posix(), entry)
+                if _inside(entry, Path(base)):
+                    found.setdefault(entry.relative_to(base).as_posix(), entry)
     hub = _hf_hub_cache()
     if hub is not None:
         for entry in sorted(hub.glob("models--*")):
-            if "t5" in entry.name.lower() and (entry / "snapshots").is_dir():
+            if "t5" in entry.name.lower() and (entry / "snapshots").is_dir() and _inside(entry, hub):
                 found.setdefault(HF_CACHE_PREFIX + entry.name, entry)
     return found
 
@@ -63,6 +66,21 @@ def t5_path(name: str) -> Path:
                             f"({', '.join(p for f in TEXT_ENCODER_FOLDERS for p in _folders(f))}); "
                             "put the T5 folder or encoder .safetensors file there.")
     return choices[name]
+
+
+def _found_inside(name: str, bases: list[Path]) -> bool:
+    """Whether the first base holding `name` (as ComfyUI resolves it) holds it without leading out."""
+    for base in bases:
+        if (base / name).exists():
+            return _inside(base / name, base)
+    return False  # e.g. a dangling symlink
+
+
+def _inside(entry: Path, base: Path) -> bool:
+    """Whether `entry` and, for a folder, every file in it resolve to places inside `base`."""
+    root = base.resolve()
+    paths = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+    return all(p.resolve().is_relative_to(root) for p in paths)
 
 
 def _folders(name: str) -> list[str]:

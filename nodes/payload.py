@@ -37,6 +37,18 @@ class EllaPrompt:
         return self._placed[2], self._placed[3]
 
 
+NOT_PATCHED = "ELLA conditioning reached a model without ELLA: connect the MODEL through 'Apply ELLA' before the sampler."
+
+
+class EllaRows(tuple):
+    """The batched payload: one EllaPrompt per row. ELLA's hook removes it before the model call; a model
+    without the hook hands it to the UNet as an extra input, and the 2024-03 host first reads `.dtype`."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise EllaError(NOT_PATCHED)
+
+
 class EllaCond(comfy.conds.CONDRegular):
     """`model_conds` value holding one EllaPrompt per batch row (a tuple)."""
 
@@ -45,8 +57,7 @@ class EllaCond(comfy.conds.CONDRegular):
 
     def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> EllaCond:
         if CALC_COND_BATCH:  # Apply ELLA rewrites entries before this point on such hosts
-            raise EllaError("ELLA conditioning reached a model without ELLA: connect the MODEL through "
-                            "'Apply ELLA' before the sampler.")
+            raise EllaError(NOT_PATCHED)
         return EllaCond((self.cond * -(-batch_size // len(self.cond)))[:batch_size])
 
     def can_concat(self, other: object) -> bool:
@@ -54,8 +65,8 @@ class EllaCond(comfy.conds.CONDRegular):
         return isinstance(other, EllaCond) and {p.clip_tokens for p in self.cond + other.cond} == {
             self.cond[0].clip_tokens}
 
-    def concat(self, others: list[EllaCond]) -> tuple[EllaPrompt, ...]:
-        return self.cond + tuple(p for o in others for p in o.cond)
+    def concat(self, others: list[EllaCond]) -> EllaRows:
+        return EllaRows(self.cond + tuple(p for o in others for p in o.cond))
 
     def size(self) -> list[int]:
         return [len(self.cond), max(p.length for p in self.cond), self.cond[0].features.shape[-1]]

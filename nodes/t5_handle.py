@@ -11,6 +11,7 @@ import torch
 
 from .. import ella
 from ..ella.t5 import resolve_dtype
+from .host import FULL_LOAD
 from .payload import EllaPrompt
 
 CACHE_SIZE = 64
@@ -45,7 +46,7 @@ class T5Handle:
             self._cache.move_to_end(key)
             return self._cache[key]
         mm.throw_exception_if_processing_interrupted()
-        mm.load_models_gpu([self.patcher])
+        mm.load_models_gpu([self.patcher], **FULL_LOAD)
         encoded = self.encoder.encode([text], max_length=max_length)
         self.encodes += 1
         keep = mm.intermediate_device()

@@ -30,6 +30,8 @@ def env(tmp_path_factory):
     save_connector(base / "ella" / "ella-tiny.safetensors", CONNECTOR, seed=3)
     save_connector(base / "ella" / "ella-narrow.safetensors", ConnectorConfig(width=32, num_latents=4, num_blocks=1,
                                                                                input_dim=T5_WIDTH))
+    save_connector(base / "ella" / "ella-other-t5.safetensors", ConnectorConfig(width=768, num_latents=4, num_blocks=1,
+                                                                                input_dim=24))
     (base / "text_encoders").mkdir()
     t5_name = make_t5_folder(base / "text_encoders", "hf").relative_to(base / "text_encoders").as_posix()
     folder_paths.add_model_folder_path("ella", str(base / "ella"))
@@ -305,3 +307,29 @@ def test_t5_dtype_choices(env):
     bf16 = pack.nodes.loaders.LoadT5Encoder().load(name, "bf16")[0]
     assert bf16.encoder.model.dtype == torch.bfloat16
     assert bf16.prompt("a bf16 prompt", None).features.dtype == torch.bfloat16
+
+
+def test_fp8_storage_runs_the_connector_in_a_compute_dtype(env, monkeypatch):
+    pack, unet, ella, _, _ = env
+    monkeypatch.setattr(unet.model, "get_dtype", lambda: torch.float8_e4m3fn)
+    monkeypatch.setattr(unet.model, "manual_cast_dtype", None, raising=False)
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.float32
+    monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+
+
+def test_t5_width_must_match_the_connector(env):
+    from ella_pack.ella import EllaError
+    pack, unet, _, _, _ = env
+    other = pack.nodes.loaders.LoadEllaModel().load("ella-other-t5.safetensors")[0]
+    model = pack.nodes.apply.ApplyElla().apply(unet, other)[0]
+    with pytest.raises(EllaError, match="32-wide features but this ELLA model reads 24-wide"):
+        sample(model, encode(env, "a cat"), encode(env, ""), steps=1)
+
+
+def test_clip_conditioning_from_another_ella_encode_is_refused(env):
+    from ella_pack.ella import EllaError
+    with pytest.raises(EllaError, match="must come from a CLIP Text Encode"):
+        encode(env, "a cat", clip=encode(env, "a dog"))

@@ -53,8 +53,6 @@ def test_every_input_has_a_tooltip_and_every_node_a_description():
 @needs_host
 def test_ella_conditioning_on_an_unpatched_model_is_explained(tmp_path):
     pack = boot(HOST)
-    if not pack.nodes.host.CALC_COND_BATCH:
-        pytest.skip("the 2024-03 host cannot tell (documented in the README): the placeholder context is used")
     import comfy.sd
     from comfy_host import save_tiny_unet
     from ella_pack.ella import EllaError

@@ -169,3 +169,64 @@ def test_wrong_kind_of_file_is_a_clear_execution_error(server, object_info):
 def test_empty_and_huge_prompts_run(server, object_info, text):
     graph = with_input(derived("ella_text_to_image.json", object_info), "EllaNodes_TextEncode", text=text)
     assert_success(server.run(graph))
+
+
+def test_interrupt_during_sampling_then_the_next_prompt_is_unchanged(server, object_info):
+    import time
+    graph = derived("ella_text_to_image.json", object_info)
+    before = pixels(server.images(server.run(graph))[0])
+    long = with_input(graph, "KSampler", steps=400)
+    status, body = server.post("/prompt", {"prompt": long})
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert server.post("/interrupt", {})[0] == 200
+    while body["prompt_id"] not in server.get(f"/history/{body['prompt_id']}"):
+        assert time.monotonic() < deadline + 120, "the interrupted prompt never finished"
+        time.sleep(0.1)
+    interrupted = server.get(f"/history/{body['prompt_id']}")[body["prompt_id"]]
+    assert interrupted["status"]["status_str"] == "error"
+    assert "interrupt" in json.dumps(interrupted["status"]["messages"])
+    assert torch.equal(pixels(server.images(server.run(graph))[0]), before)
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+SOAK_PROMPTS, SOAK_MARGIN_MIB = 100, 200
+
+
+def test_soak_one_hundred_prompts(server, object_info):
+    import random
+    import time
+    base = derived("ella_text_to_image.json", object_info)
+    words = "red blue cube sphere castle river forest neon city cat dog glass stone light shadow".split()
+    rng, started, reference = random.Random(0), time.monotonic(), None
+    for i in range(SOAK_PROMPTS):
+        size = rng.choice([64, 128])
+        graph = with_input(base, "EmptyLatentImage", width=size, height=size, batch_size=rng.choice([1, 2]))
+        text = " ".join(rng.choices(words, k=rng.randint(1, 60)))
+        graph = with_input(graph, "EllaNodes_TextEncode", text=text, token_length=rng.choice(["flexible", "fixed"]))
+        if i % 25 == 0:
+            graph = base  # the same graph and seed every 25 prompts
+        entry = server.run(graph)
+        assert_success(entry)
+        if i % 25 == 0:
+            image = pixels(server.images(entry)[0])
+            reference = image if reference is None else reference
+            assert torch.equal(image, reference)
+        if i == 4:
+            early = rss_mib(server.process.pid)
+    late = rss_mib(server.process.pid)
+    figures = {"host": str(HOST), "prompts": SOAK_PROMPTS, "seconds": round(time.monotonic() - started, 1),
+               "rss_after_5_mib": round(early), "rss_after_100_mib": round(late)}
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "soak.json").write_text(json.dumps(figures, indent=1))
+    assert late <= early + SOAK_MARGIN_MIB, f"server memory grew from {early:.0f} MiB to {late:.0f} MiB"
