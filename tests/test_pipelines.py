@@ -1,0 +1,188 @@
+"""Tests of ella.pipelines (the diffusers pipelines) with tiny diffusers components built offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from connector_fixtures import TINY, save_connector
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from t5_fixtures import make_t5_folder
+
+import ella
+from ella.connector import ConnectorConfig
+from ella.pipelines import EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline, EllaUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+CONNECTOR = ConnectorConfig(width=32, num_latents=8, num_blocks=2, input_dim=32, time_channels=16, time_embed_dim=32)
+PROMPTS = ["a cat", "Two red apples and a green pear on a wooden table next to a blue ceramic vase."]
+SCHEDULERS = {
+    "dpm": lambda: DPMSolverMultistepScheduler(steps_offset=1),
+    "ddim": lambda: DDIMScheduler(steps_offset=1, clip_sample=False),
+    "euler": lambda: EulerDiscreteScheduler(steps_offset=1),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; several spin-wait against each other on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny T5 (d_model 32, real tokenizer), a connector of width 32, a tiny UNet and VAE, their files."""
+    tmp = tmp_path_factory.mktemp("ella_pipes")
+    connector_path = save_connector(tmp / "ella.safetensors", CONNECTOR, seed=0)
+    t5_path = make_t5_folder(tmp, "hf")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONNECTOR.width, attention_head_dim=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    return {"tmp": tmp, "connector_path": connector_path, "t5_path": t5_path, "unet": unet, "vae": vae,
+            "connector": ella.load_connector(connector_path), "t5": ella.load_t5(t5_path)}
+
+
+def make_pipe(parts: dict, cls: type = EllaFlexDiffusionPipeline, scheduler: str = "dpm"):
+    pipe = cls(vae=parts["vae"], unet=parts["unet"], scheduler=SCHEDULERS[scheduler](), t5=parts["t5"],
+               connector=parts["connector"], safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str | list[str] = PROMPTS, seed: int = 0, **kwargs: object) -> np.ndarray:
+    kwargs = {"num_inference_steps": 2, "output_type": "np", **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def prompt_of_length(t5: ella.T5Encoder, word: str, tokens: int = 128) -> str:
+    """A prompt of exactly `tokens` T5 tokens (EOS included)."""
+    for repeats in range(1, 2 * tokens):
+        text = " ".join([word] * repeats)
+        if t5.tokenize(text).token_counts[0] == tokens:
+            return text
+    raise AssertionError(f"no repetition of {word!r} has {tokens} tokens")
+
+
+@pytest.mark.parametrize("cls", [EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline])
+def test_images_come_out(parts: dict, cls: type) -> None:
+    pipe = make_pipe(parts, cls)
+    steps = []
+
+    def on_step_end(pipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        steps.append(tensors["prompt_embeds"].shape)
+        return tensors
+
+    out = pipe(PROMPTS, num_inference_steps=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert len(out.images) == 4 and all(im.size == (16, 16) for im in out.images)
+    assert len(steps) == 3 and steps[0][0] == 8  # negative + positive rows, one per image
+    assert steps[0][-1] == CONNECTOR.input_dim + 1  # T5 features + the connector mask channel
+    latents = generate(pipe, "a dog", output_type="latent", guidance_scale=1.0)
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize(("cls", "scheduler"), [(EllaFlexDiffusionPipeline, "dpm"), (EllaFixedDiffusionPipeline, "ddim"),
+                                                (EllaFlexDiffusionPipeline, "euler")])
+def test_unet_gets_the_connector_output_of_each_steps_timestep(parts: dict, cls: type, scheduler: str) -> None:
+    pipe = make_pipe(parts, cls, scheduler)
+    calls = []
+
+    def spy(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        calls.append((args[1].clone(), context.clone()))
+
+    handle = pipe.unet.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        generate(pipe, num_inference_steps=3, num_images_per_prompt=2, guidance_scale=7.0)
+    finally:
+        handle.remove()
+    assert [float(t) for t, _ in calls] == [float(t) for t in pipe.scheduler.timesteps]
+    rows = [""] * 4 + [p for p in PROMPTS for _ in range(2)]  # CFG: negatives first, each prompt twice
+    alone = {text: parts["t5"].encode([text], max_length=cls.t5_max_length).features for text in set(rows)}
+    for t, context in calls:
+        assert context.shape == (8, CONNECTOR.num_latents, CONNECTOR.width)
+        for row, text in zip(context, rows, strict=True):
+            expected = parts["connector"](alone[text], t)[0]
+            assert (row - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not torch.allclose(calls[0][1], calls[-1][1])  # the context follows the timestep
+
+
+def test_fixed_and_flexible_agree_on_a_128_token_prompt(parts: dict) -> None:
+    fixed, flex = make_pipe(parts, EllaFixedDiffusionPipeline), make_pipe(parts, EllaFlexDiffusionPipeline)
+    prompt, negative = prompt_of_length(parts["t5"], "cat"), prompt_of_length(parts["t5"], "dog")
+    a = generate(fixed, prompt, negative_prompt=negative, seed=3)
+    b = generate(flex, prompt, negative_prompt=negative, seed=3)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(generate(fixed, "a cat", seed=3), generate(flex, "a cat", seed=3), atol=1e-4)
+
+
+def test_same_seed_same_images_other_seed_other_images(parts: dict) -> None:
+    pipe = make_pipe(parts, EllaFlexDiffusionPipeline)
+    first = generate(pipe, seed=7)
+    assert np.array_equal(first, generate(pipe, seed=7))
+    assert not np.allclose(first, generate(pipe, seed=8), atol=1e-4)
+
+
+def test_from_pretrained_loads_a_stable_diffusion_folder_without_its_text_encoder(parts: dict) -> None:
+    folder = parts["tmp"] / "sd15"
+    StableDiffusionPipeline(vae=parts["vae"], text_encoder=None, tokenizer=None, unet=parts["unet"],
+                            scheduler=SCHEDULERS["ddim"](), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())  # list a CLIP that is not there: never read
+    index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = EllaFixedDiffusionPipeline.from_pretrained(folder, parts["connector_path"], parts["t5_path"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is None and isinstance(pipe.unet, EllaUNet) and isinstance(pipe.scheduler, DDIMScheduler)
+    images = generate(pipe, "a cat", num_images_per_prompt=2)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    again = EllaFlexDiffusionPipeline(**pipe.components)  # components carry the connector inside the EllaUNet
+    assert again.connector is pipe.connector and again.unet.unet is pipe.unet.unet
+
+
+def test_mismatched_parts_and_prompts_raise_clear_errors(parts: dict, tmp_path: Path) -> None:
+    narrow = ella.load_connector(save_connector(tmp_path / "tiny.safetensors", TINY))  # reads 24-wide features
+    with pytest.raises(ella.EllaError, match="24-wide T5 features"):
+        EllaFixedDiffusionPipeline(vae=parts["vae"], unet=parts["unet"], scheduler=SCHEDULERS["ddim"](),
+                                   t5=parts["t5"], connector=narrow, safety_checker=None, feature_extractor=None)
+    with pytest.raises(ella.EllaError, match="3 negative prompts given for 2 prompts"):
+        generate(make_pipe(parts), PROMPTS, negative_prompt=["a", "b", "c"])
+
+
+def test_import_ella_works_without_diffusers_and_the_pipelines_name_it() -> None:
+    code = (
+        "import sys\n"
+        "import ella\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'diffusers'], 'import ella imported diffusers'\n"
+        "sys.modules['diffusers'] = None\n"
+        "try:\n"
+        "    from ella.pipelines import EllaFixedDiffusionPipeline\n"
+        "except ImportError as e:\n"
+        "    print(type(e).__name__, e.name, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.startswith("ModuleNotFoundError diffusers ")
+    assert "`diffusers`" in out.stdout and "pip install diffusers" in out.stdout
