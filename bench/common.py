@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,9 +52,20 @@ def random_sd15(tiny: bool):
                                             offload_device=mm.unet_offload_device())
 
 
+def _status_mib(key: str) -> float:
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
+
+
+def reset_peak_rss() -> float:
+    """Make the peak resident memory equal the current one (Linux clear_refs); returns it in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since the last reset_peak_rss (MiB)."""
+    return _status_mib("VmHWM")
 
 
 def median(values: list[float]) -> float:

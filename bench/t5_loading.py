@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import ROOT, Stopwatch, median, peak_rss_mib, write
+from common import ROOT, Stopwatch, median, peak_rss_mib, reset_peak_rss, write
 
 XL = dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu",
           vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -49,7 +49,7 @@ def measure(layout: str, path: Path, dtype: str, loader: str) -> dict:
     import transformers  # noqa: F401  (counted in the baseline)
 
     import ella
-    baseline = peak_rss_mib()
+    baseline = reset_peak_rss()
     with Stopwatch() as sw:
         if loader == "ella":
             model = ella.load_t5(path, dtype=DTYPES[dtype]).model

@@ -7,9 +7,9 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from .errors import EllaLoadError
 
@@ -20,12 +20,21 @@ _ITEM_SIZES = {
 }
 
 
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape and storage type of one tensor in a safetensors header."""
+    """Shape, storage type and place in the file of one tensor in a safetensors header."""
 
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the tensor's data in the file
+    nbytes: int = 0
 
 
 def read_header(path: str | os.PathLike, *, expected: str = "a safetensors file") -> dict[str, TensorInfo]:
@@ -56,11 +65,11 @@ def read_header(path: str | os.PathLike, *, expected: str = "a safetensors file"
     data_bytes = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        infos[name] = _check_entry(path, name, entry, data_bytes, expected)
+        infos[name] = _check_entry(path, name, entry, data_bytes, expected, 8 + header_len)
     return infos
 
 
-def _check_entry(path: Path, name: str, entry: object, data_bytes: int, expected: str) -> TensorInfo:
+def _check_entry(path: Path, name: str, entry: object, data_bytes: int, expected: str, start: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
         shape = tuple(int(d) for d in shape)
@@ -78,7 +87,7 @@ def _check_entry(path: Path, name: str, entry: object, data_bytes: int, expected
             f"{path}: file is truncated (tensor {name!r} ends at byte {end} of a {data_bytes}-byte data "
             f"section); download it again. Expected {expected}."
         )
-    return TensorInfo(dtype, shape)
+    return TensorInfo(dtype, shape, start + begin, end - begin)
 
 
 def load_tensors(
@@ -89,18 +98,44 @@ def load_tensors(
     keys: list[str] | None = None,
     expected: str = "a safetensors file",
 ) -> dict[str, torch.Tensor]:
-    """Load tensors one at a time, each cast to `dtype` (floating tensors only) and moved to `device`."""
+    """Load tensors one at a time, each cast to `dtype` (floating tensors only) and moved to `device`.
+
+    Tensors are read with plain file reads (no memory map) and cast chunk by chunk, so peak memory stays
+    near the size of the weights in `dtype` plus one small buffer."""
     infos = read_header(path, expected=expected)
     out: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open(path, "rb") as f:
             for key in infos if keys is None else keys:
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                out[key] = t.to(device)
-    except EllaLoadError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for damaged files
+                out[key] = _read(f, infos[key], dtype).to(device)
+    except KeyError as e:
+        raise EllaLoadError(f"{path}: tensor {e} is missing; expected {expected}.") from None
+    except (OSError, ValueError, RuntimeError) as e:
         raise EllaLoadError(f"{path}: cannot read tensors ({e}); expected {expected}.") from None
+    return out
+
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def _read(f: BinaryIO, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor, cast to `dtype` if it is floating, reading at most _CHUNK bytes at a time."""
+    stored = _TORCH_DTYPES.get(info.dtype)
+    if stored is None:
+        raise ValueError(f"unsupported tensor type {info.dtype}")
+    target = dtype if dtype is not None and stored.is_floating_point else stored
+    out = torch.empty(info.shape, dtype=target)
+    f.seek(info.offset)
+    if target == stored:  # no cast: read straight into the result
+        if info.nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != info.nbytes:
+            raise ValueError("file ended early")
+        return out
+    flat, item = out.view(-1), stored.itemsize
+    per_chunk = max(1, _CHUNK // item)
+    for start in range(0, flat.numel(), per_chunk):
+        count = min(per_chunk, flat.numel() - start)
+        raw = bytearray(count * item)
+        if f.readinto(raw) != len(raw):
+            raise ValueError("file ended early")
+        flat[start:start + count] = torch.frombuffer(raw, dtype=stored)
     return out
