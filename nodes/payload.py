@@ -67,6 +67,3 @@ class EllaCond(comfy.conds.CONDRegular):
 
     def concat(self, others: list[EllaCond]) -> EllaRows:
         return EllaRows(self.cond + tuple(p for o in others for p in o.cond))
-
-    def size(self) -> list[int]:
-        return [len(self.cond), max(p.length for p in self.cond), self.cond[0].features.shape[-1]]
