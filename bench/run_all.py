@@ -8,28 +8,38 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import sampling_memory
 import sampling_overhead
 import t5_loading
 from common import machine
 
 
-def table(sampling: dict, t5: dict) -> str:
-    m = machine()
+def table(sampling: dict, t5: dict, memory: dict) -> str:
+    m = sampling.get("machine") or machine()
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.", "",
-             "| size | batch | steps | CLIP-only s | ELLA s | ratio | connector rows / evaluations |",
-             "|---|---|---|---|---|---|---|"]
+             "| size | batch | steps | CLIP-only s | ELLA s | ratio | ratio without CUDA graphs | "
+             "context ms per evaluation | connector rows / evaluations |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sampling["sampling_overhead"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['steps']} | {r['clip_s']} | {r['ella_s']} | {r['ratio']} | "
+                     f"{r['ratio_without_cuda_graphs'] or 'n/a (CPU)'} | "
+                     f"{', '.join(f'{k} {v}' for k, v in r['context_ms_per_evaluation'].items())} | "
                      f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) |")
     lines += ["", "| T5 from | dtype | loader | seconds | peak RSS above baseline | weights | peak / weights |",
               "|---|---|---|---|---|---|---|"]
     for r in t5["t5_loading"]:
         lines.append(f"| {r['layout']} | {r['dtype']} | {r['loader']} | {r['seconds']} | {r['peak_above_baseline_mib']} MiB | "
                      f"{r['weights_mib']} MiB | {r['peak_over_weights']} |")
-    lines += ["", "| T5 encode (fp32) | tokens | median ms |", "|---|---|---|"]
-    lines += [f"| {r['prompt']} | {r['tokens']} | {r['median_ms']} |" for r in t5["t5_encode"]]
+    lines += ["", "| T5 encode | tokens | device, dtype | median ms |", "|---|---|---|---|"]
+    lines += [f"| {r['prompt']} | {r['tokens']} | {r['device']}, {r['dtype']} | {r['median_ms']} |" for r in t5["t5_encode"]]
+    lines += ["", "| free GPU memory at start | T5 after encode | T5 while sampling | GPU held at first step | "
+              "GPU peak while sampling |", "|---|---|---|---|---|"]
+    for r in memory["sampling_memory"]:
+        free = "whole card" if r["free_gib_at_start"] is None else f"{r['free_gib_at_start']} GiB"
+        lines.append(f"| {free} | {r['t5_device_after_encode']} | {r['t5_device_while_sampling']} | "
+                     f"{r['gpu_allocated_at_first_step_gib']} GiB | {r['gpu_peak_while_sampling_gib']} GiB |")
     return "\n".join(lines) + "\n"
 
 
@@ -38,17 +48,23 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--table-only", action="store_true", help="rewrite latest.md from the JSON files in --out")
     args = parser.parse_args(argv)
     out = ["--out", str(args.out)]
-    if args.tiny:
+    if args.table_only:
+        sampling, t5, memory = (json.loads((args.out / f"{name}.json").read_text())
+                                for name in ("sampling_overhead", "t5", "sampling_memory"))
+    elif args.tiny:
         sampling = sampling_overhead.main(["--tiny", "--sizes", "64", "--batches", "1", "2", "--steps", "2",
                                            "--reps", "1", *out])
         t5 = t5_loading.main(["--tiny", "--reps", "1", *out])
+        memory = sampling_memory.main(["--tiny", *out])
     else:
         quick = ["--batches", "1", "--reps", "2"] if args.quick else []
         sampling = sampling_overhead.main([*quick, *out])
         t5 = t5_loading.main(out)
-    text = table(sampling, t5)
+        memory = sampling_memory.main(out)
+    text = table(sampling, t5, memory)
     (args.out / "latest.md").write_text(text)
     return text
 

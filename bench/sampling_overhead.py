@@ -11,13 +11,39 @@ from common import Stopwatch, host, median, random_sd15, write
 from connector_fixtures import RELEASED, TINY, random_connector_state
 
 
+def connector_call_ms(builder, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
+    """Milliseconds per model evaluation spent building ELLA's context (both prompts, `batch` rows each),
+    with and without CUDA graphs, synchronised."""
+    from ella_pack.nodes.payload import KEY
+
+    prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
+    timesteps = torch.full((len(prompts),), 500.0, device=builder.connector.connector.latents.device)
+    out = {}
+    for label, enabled in (("graphs", True), ("eager", False)) if torch.cuda.is_available() else (("eager", False),):
+        builder.run.enabled = enabled
+        builder.ella_tokens(prompts, timesteps)
+        _sync()
+        with Stopwatch() as sw:
+            for _ in range(calls):
+                builder.ella_tokens(prompts, timesteps)
+            _sync()
+        out[label] = round(1000 * sw.seconds / calls, 3)
+    builder.run.enabled = True
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="tiny models (for the test suite)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -48,20 +74,29 @@ def main(argv: list[str] | None = None) -> dict:
     for size in args.sizes:
         for batch in args.batches:
             latent = {"samples": torch.zeros(batch, 4, size // 8, size // 8)}
-            times: dict[str, list[float]] = {"clip": [], "ella": []}
-            for model, pos, neg in ((unet, clip_pos, clip_neg), (ella_model, ella_pos, ella_neg)):  # warm-up
-                nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
+            times: dict[str, list[float]] = {"clip": [], "ella": [], "ella_eager": []}
+            runs = [("clip", unet, clip_pos, clip_neg), ("ella", ella_model, ella_pos, ella_neg)]
+            if torch.cuda.is_available():  # the same ELLA model with CUDA graphs off, for comparison
+                runs.append(("ella_eager", ella_model, ella_pos, ella_neg))
             for _ in range(args.reps):
-                for name, model, pos, neg in (("clip", unet, clip_pos, clip_neg), ("ella", ella_model, ella_pos, ella_neg)):
-                    before_rows, evaluations[:] = ella_builder(ella_model).rows_computed, []
+                for name, model, pos, neg in runs:
+                    builder = ella_builder(ella_model)
+                    builder.run.enabled = name != "ella_eager"
+                    # untimed one-step run: ComfyUI moves the weights when the sampled ModelPatcher changes
+                    nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
+                    before_rows, evaluations[:] = builder.rows_computed, []
                     with Stopwatch() as sw:
                         nodes.common_ksampler(model, 0, args.steps, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
                     times[name].append(sw.seconds)
                     if name == "ella":
-                        counted = (ella_builder(ella_model).rows_computed - before_rows, len(evaluations))
+                        counted = (builder.rows_computed - before_rows, len(evaluations))
+            per_call = connector_call_ms(ella_builder(ella_model), ella_pos, ella_neg, batch)
             rows.append({"size": size, "batch": batch, "steps": args.steps, "reps": args.reps,
                          "clip_s": round(median(times["clip"]), 3), "ella_s": round(median(times["ella"]), 3),
                          "ratio": round(median(times["ella"]) / median(times["clip"]), 4),
+                         "ratio_without_cuda_graphs": round(median(times["ella_eager"]) / median(times["clip"]), 4)
+                         if times["ella_eager"] else None,
+                         "context_ms_per_evaluation": per_call,
                          "connector_rows": counted[0], "model_evaluations": counted[1], "distinct_prompts": 2})
     counter.remove()
     results = {"sampling_overhead": rows, "tiny": args.tiny, "connector_parameters": sum(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..ella import Connector, EllaError
+from ..ella.connector_graphs import GraphedConnector
 from .payload import EllaPrompt
 
 
@@ -15,6 +16,7 @@ class ContextBuilder:
 
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
+        self.run = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
         self.rows_computed = 0
 
     def ella_tokens(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ class ContextBuilder:
         features, mask = _pad([by_id[pid] for pid, _ in keys], device, dtype)
         t = torch.tensor([t for _, t in keys], device=device)
         with torch.no_grad():
-            out = self.connector(features, t, mask)
+            out = self.run(features, t, mask)
         self.rows_computed += len(keys)
         if row_index == list(range(len(keys))):
             return out

@@ -25,14 +25,14 @@ def comfyui_root() -> Path | None:
     return root if (root / "comfy").is_dir() else None
 
 
-def boot(root: Path):
-    """Import ComfyUI from `root` on CPU and the pack as package `ella_pack`; returns the pack module."""
+def boot(root: Path, cpu: bool = True):
+    """Import ComfyUI from `root` (on CPU unless cpu=False) and the pack as package `ella_pack`; returns the pack."""
     if "ella_pack" in sys.modules:
         return sys.modules["ella_pack"]
     sys.path.insert(0, str(root))
     import comfy.cli_args
     import comfy.options  # noqa: F401  (argument parsing stays off)
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     try:
         import utils.extra_config  # noqa: F401  (current hosts: before `nodes`, as main.py does)
     except ImportError:

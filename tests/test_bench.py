@@ -15,7 +15,7 @@ def test_bench_scripts_run_on_tiny_models(tmp_path):
     done = subprocess.run([sys.executable, ROOT / "bench" / "run_all.py", "--tiny", "--out", tmp_path],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| T5 encode (fp32) |" in (tmp_path / "latest.md").read_text()
+    assert "| T5 encode |" in (tmp_path / "latest.md").read_text()
     sampling = json.loads((tmp_path / "sampling_overhead.json").read_text())
     assert sampling["machine"]["torch"] and sampling["command"]
     for row in sampling["sampling_overhead"]:
@@ -24,3 +24,6 @@ def test_bench_scripts_run_on_tiny_models(tmp_path):
     t5 = json.loads((tmp_path / "t5.json").read_text())
     assert {(r["layout"], r["dtype"], r["loader"]) for r in t5["t5_loading"]} >= {("single", "fp16", "ella"),
                                                                               ("folder", "fp32", "transformers")}
+    memory = json.loads((tmp_path / "sampling_memory.json").read_text())["sampling_memory"]
+    assert [r["free_gib_at_start"] for r in memory] == [None, 5.0]
+    assert all(r["t5_device_while_sampling"] in ("cpu", "cuda") for r in memory)
