@@ -5,7 +5,8 @@
 batching prompts of different lengths with the connector's padding mask.
 
 How it works: `encode_prompt` runs T5 (prompts and negative prompts in one call) and returns the features
-with one extra last channel, the connector mask (1 = attend). That tensor travels through the stock
+with one extra last channel, the connector mask (1 = attend, 0 = not; other values are prompt weights
+written as `(red dress:1.3)`, ComfyUI's syntax). That tensor travels through the stock
 denoising loop as `prompt_embeds`, so classifier-free guidance, `num_images_per_prompt` and step callbacks
 keep each row's mask with its features. The pipeline's `unet` is an `EllaUNet`: at every call it runs the
 connector on the features with that call's timestep and hands the result to the real UNet as its
@@ -78,8 +79,8 @@ def split_mask(hidden: torch.Tensor, input_dim: int) -> tuple[torch.Tensor, torc
     if hidden.shape[-1] != input_dim + 1:
         raise EllaError(f"encoder_hidden_states have {hidden.shape[-1]} channels; the ELLA connector reads T5 "
                         f"features of width {input_dim} (plus an optional mask channel).")
-    mask = hidden[..., -1] > 0.5
-    return hidden[..., :-1], None if bool(mask.all()) else mask
+    weights = hidden[..., -1].float()  # 1 = attended, 0 = not, other values = prompt weights
+    return hidden[..., :-1], None if bool((weights == 1).all()) else weights
 
 
 class _EllaPipeline(StableDiffusionPipeline):
@@ -90,6 +91,7 @@ class _EllaPipeline(StableDiffusionPipeline):
     """
 
     t5_max_length: int | None = FIXED_LENGTH
+    weighted_prompts = True  # read ComfyUI weighting markup, `(red dress:1.3)`; set False for literal brackets
     model_cpu_offload_seq = "t5->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "text_encoder", "tokenizer"]
 
@@ -134,8 +136,9 @@ class _EllaPipeline(StableDiffusionPipeline):
                    requires_safety_checker=sd.config.requires_safety_checker)
 
     def encode_t5(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """T5 features of prompts with the connector mask as an extra last channel: [N, L, d_model + 1]."""
-        encoded = self.t5.encode(texts, max_length=self.t5_max_length)
+        """T5 features of prompts with the connector mask (token weights when the prompt has ComfyUI
+        weighting markup such as `(red dress:1.3)`) as an extra last channel: [N, L, d_model + 1]."""
+        encoded = self.t5.encode(texts, max_length=self.t5_max_length, weighted=self.weighted_prompts)
         mask = encoded.connector_mask[..., None].to(encoded.features.dtype)
         return torch.cat([encoded.features, mask], dim=-1)
 

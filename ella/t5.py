@@ -59,11 +59,16 @@ class EncodedPrompts:
     token_counts: list[int]  # tokens per prompt before truncation, EOS included
     truncated: list[bool]
     fixed_length: int | None  # N in fixed mode, None in flexible mode
+    weights: torch.Tensor | None = None  # [B, L] float32 token weights from prompt markup; None = all 1
 
     @property
     def connector_mask(self) -> torch.Tensor:
-        """What the ELLA connector attends to: every token in fixed mode (as trained), real tokens otherwise."""
-        return torch.ones_like(self.mask) if self.fixed_length is not None else self.mask
+        """What the ELLA connector attends to: every token in fixed mode (as trained), real tokens otherwise.
+        Bool without weights; with weights, float weights (0 = not attended) that the connector reads as log(w)."""
+        mask = torch.ones_like(self.mask) if self.fixed_length is not None else self.mask
+        if self.weights is None:
+            return mask
+        return mask.to(torch.float32) * self.weights.to(mask.device)
 
 
 class T5Encoder(torch.nn.Module):
@@ -93,20 +98,25 @@ class T5Encoder(torch.nn.Module):
         self.dtype = self.model.shared.weight.dtype
         return self
 
-    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> TokenizedPrompts:
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None,
+                 weighted: bool = False) -> TokenizedPrompts:
         """Token ids, mask and counts of prompts, without running the model."""
-        return self.tokenizer.tokenize(texts, max_length)
+        return self.tokenizer.tokenize(texts, max_length, weighted)
 
-    def encode(self, texts: str | Sequence[str], max_length: int | None = None) -> EncodedPrompts:
-        """Encode prompts: flexible mode (max_length None) or fixed mode (pad/truncate to max_length)."""
-        tokens = self.tokenize(texts, max_length)
+    def encode(self, texts: str | Sequence[str], max_length: int | None = None,
+               weighted: bool = False) -> EncodedPrompts:
+        """Encode prompts: flexible mode (max_length None) or fixed mode (pad/truncate to max_length).
+        weighted=True reads ComfyUI weighting markup, `(red dress:1.3)`: T5 sees the text without it and
+        `connector_mask` carries each token's weight."""
+        tokens = self.tokenize(texts, max_length, weighted)
         device = self.model.shared.weight.device  # where the inputs are read, whatever moved the weights
         mask = tokens.mask.to(device)
         with torch.no_grad():
             out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask.long())
         features = out.last_hidden_state
         self._check_finite(features)
-        return EncodedPrompts(features, mask, tokens.token_counts, tokens.truncated, tokens.fixed_length)
+        return EncodedPrompts(features, mask, tokens.token_counts, tokens.truncated, tokens.fixed_length,
+                              tokens.weights)
 
     def _check_finite(self, features: torch.Tensor) -> None:
         bad = (~torch.isfinite(features)).flatten(1).any(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import EllaError, EllaLoadError
+from .prompt_weighting import parse_weighted, token_weights
 from .t5_files import find_tokenizer, find_weights
 
 log = logging.getLogger("ELLA")
@@ -34,12 +35,16 @@ class TokenizedPrompts:
     token_counts: list[int]  # tokens per prompt before truncation, EOS included
     truncated: list[bool]
     fixed_length: int | None  # N in fixed mode, None in flexible mode
+    weights: torch.Tensor | None = None  # [B, L] float32 token weights (1 for EOS and padding); None = all 1
+
+
+Encoded = tuple[list[int], list[tuple[int, int]]]  # token ids and each token's character span in the text
 
 
 class T5PromptTokenizer:
     """A T5 SentencePiece vocabulary that turns prompts into token ids."""
 
-    def __init__(self, path: Path, encode_batch: Callable[[list[str]], list[list[int]]],
+    def __init__(self, path: Path, encode_batch: Callable[[list[str]], list[Encoded]],
                  eos_id: int, pad_id: int, vocab_size: int) -> None:
         self.path = path
         self._encode_batch = encode_batch
@@ -52,28 +57,44 @@ class T5PromptTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens."""
-        return self._encode_batch(list(texts))
+        return [ids for ids, _ in self._encode_batch(list(texts))]
 
-    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> TokenizedPrompts:
-        """Tokenize prompts: EOS appended, truncated to max_length (or 512), padded to one length."""
+    def count(self, text: str, weighted: bool = False) -> int:
+        """T5 tokens of one prompt, EOS included, before any truncation (markup removed if weighted)."""
+        return len(self.encode([parse_weighted(text).text if weighted else text])[0]) + 1
+
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None,
+                 weighted: bool = False) -> TokenizedPrompts:
+        """Tokenize prompts: EOS appended, truncated to max_length (or 512), padded to one length.
+        With weighted=True, ComfyUI weighting markup is removed and each token gets its weight."""
         texts = prompt_list(texts)
         limit = check_max_length(max_length) or T5_MAX_TOKENS
-        rows, counts = [], []
-        for i, ids in enumerate(self.encode(texts)):
-            ids = [*ids, self.eos_id]
+        parsed = [parse_weighted(t) for t in texts] if weighted else None
+        for i, p in enumerate(parsed or []):
+            for warning in p.warnings:
+                log.warning("ELLA: prompt %d: %s.", i + 1, warning)
+        rows, row_weights, counts = [], [], []
+        encoded = self._encode_batch([p.text for p in parsed] if parsed else texts)
+        for i, (ids, offsets) in enumerate(encoded):
+            weights = token_weights(parsed[i], offsets) if parsed and not parsed[i].plain else [1.0] * len(ids)
+            ids, weights = [*ids, self.eos_id], [*weights, 1.0]
             counts.append(len(ids))
             if len(ids) > limit:
                 _log_truncation(i, len(texts), len(ids), limit)
-                ids = [*ids[: limit - 1], self.eos_id]
+                ids, weights = [*ids[: limit - 1], self.eos_id], [*weights[: limit - 1], 1.0]
             rows.append(ids)
+            row_weights.append(weights)
         length = max_length or max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        weight_rows = torch.ones((len(rows), length), dtype=torch.float32)
         for i, ids in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[i, : len(ids)] = True
+            weight_rows[i, : len(ids)] = torch.tensor(row_weights[i], dtype=torch.float32)
         truncated = [c > limit for c in counts]
-        return TokenizedPrompts(input_ids, mask, counts, truncated, max_length)
+        weights = None if bool((weight_rows == 1).all()) else weight_rows
+        return TokenizedPrompts(input_ids, mask, counts, truncated, max_length, weights)
 
 
 def prompt_list(texts: str | Sequence[str]) -> list[str]:
@@ -144,8 +165,8 @@ def _read_tokenizer_json(path: Path) -> T5PromptTokenizer:
     tok.no_truncation()
     tok.no_padding()
 
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(texts: list[str]) -> list[Encoded]:
+        return [(e.ids, list(e.offsets)) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     return _checked(path, encode_batch, tok.token_to_id("</s>"), tok.token_to_id("<pad>"),
                     tok.get_vocab_size(with_added_tokens=True))
@@ -163,13 +184,26 @@ def _read_spiece(path: Path) -> T5PromptTokenizer:
         i = sp.piece_to_id(piece)
         return i if sp.id_to_piece(i) == piece else None
 
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in sp.encode(texts)]
+    def encode_batch(texts: list[str]) -> list[Encoded]:
+        return [_spiece_encoded(sp, text) for text in texts]
 
     return _checked(path, encode_batch, piece_id("</s>"), piece_id("<pad>"), sp.get_piece_size())
 
 
-def _checked(path: Path, encode_batch: Callable[[list[str]], list[list[int]]], eos: int | None,
+def _spiece_encoded(sp: object, text: str) -> Encoded:
+    """Ids and character spans of one text with SentencePiece (0.2.3+ gives character offsets; older
+    versions give pieces whose spans count UTF-8 bytes)."""
+    try:
+        found = sp.encode(text, return_type="offset_mapping")
+        return list(found["ids"]), [tuple(o) for o in found["offsets"]]
+    except TypeError:
+        proto = sp.encode(text, out_type="immutable_proto")
+    char_at = [i for i, c in enumerate(text) for _ in c.encode("utf-8")] + [len(text)]
+    last = len(char_at) - 1
+    return [p.id for p in proto.pieces], [(char_at[min(p.begin, last)], char_at[min(p.end, last)]) for p in proto.pieces]
+
+
+def _checked(path: Path, encode_batch: Callable[[list[str]], list[Encoded]], eos: int | None,
              pad: int | None, vocab_size: int) -> T5PromptTokenizer:
     if eos is None or pad is None:
         raise EllaLoadError(

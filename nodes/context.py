@@ -52,5 +52,6 @@ def _pad(prompts: list[EllaPrompt], device: torch.device,
     if all(p.length == longest and p.unmasked for p in prompts):
         return torch.cat([f for f, _ in placed]), None
     features = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f, _ in placed])
-    mask = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[1])) for _, m in placed])
+    weighted = any(m.is_floating_point() for _, m in placed)  # token weights: pad and join as floats
+    mask = torch.cat([torch.nn.functional.pad(m.float() if weighted else m, (0, longest - m.shape[1])) for _, m in placed])
     return features, mask

@@ -21,9 +21,9 @@ class EllaPrompt:
 
     def __init__(self, features: torch.Tensor, mask: torch.Tensor, clip_tokens: int = 0) -> None:
         self.features = features  # [1, L, D] on the intermediate device
-        self.mask = mask  # [1, L] bool: the tokens the connector attends to
+        self.mask = mask  # [1, L] bool (attended or not) or float token weights (0 = not attended)
         self.clip_tokens = clip_tokens  # 0: ELLA only; else CLIP tokens appended after ELLA's
-        self.unmasked = bool(mask.all())
+        self.unmasked = bool((mask == 1).all())
         self._placed: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     @property

@@ -40,14 +40,15 @@ class T5Handle:
         self._cache: OrderedDict[tuple[str, int | None], EllaPrompt] = OrderedDict()
 
     def prompt(self, text: str, max_length: int | None) -> EllaPrompt:
-        """The EllaPrompt of `text` (flexible length when max_length is None), from cache if seen."""
+        """The EllaPrompt of `text` (flexible length when max_length is None; ComfyUI weighting markup read),
+        from cache if seen."""
         key = (text, max_length)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         mm.throw_exception_if_processing_interrupted()
         mm.load_models_gpu([self.patcher], **FULL_LOAD)
-        encoded = self.encoder.encode([text], max_length=max_length)
+        encoded = self.encoder.encode([text], max_length=max_length, weighted=True)
         self.encodes += 1
         keep = mm.intermediate_device()
         prompt = EllaPrompt(encoded.features.to(keep), encoded.connector_mask.to(keep))

@@ -76,11 +76,11 @@ def sample(model, positive, negative, sampler="euler", scheduler="normal", steps
 
 
 def expected(env, cond, t):
-    """connector(features of the entry, t) for one row, computed alone (no padding)."""
+    """connector(features of the entry, t, its token weights) for one row, computed alone (no padding)."""
     prompt = cond[0][1]["model_conds"]["ella_prompt"].cond[0]
     connector = env[2].for_dtype(torch.float32)
     with torch.no_grad():
-        return connector(prompt.features, t.reshape(1))[0]
+        return connector(prompt.features, t.reshape(1), None if prompt.unmasked else prompt.mask)[0]
 
 
 def match_rows(env, spy, named):
@@ -333,3 +333,50 @@ def test_clip_conditioning_from_another_ella_encode_is_refused(env):
     from ella_pack.ella import EllaError
     with pytest.raises(EllaError, match="must come from a CLIP Text Encode"):
         encode(env, "a cat", clip=encode(env, "a dog"))
+
+
+def test_weighted_prompts_reach_the_connector_at_every_evaluation(env):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    pos, plain = encode(env, "a (red:2.5) cube on a (blue sphere:0)"), encode(env, "a red cube on a blue sphere")
+    weighted, unweighted = (c[0][1]["model_conds"]["ella_prompt"].cond[0] for c in (pos, plain))
+    assert torch.equal(weighted.features, unweighted.features)  # T5 read the same text
+    assert sorted(set(weighted.mask[0].tolist())) == [0.0, 1.0, 2.5]
+    with UNetSpy(unet) as spy:
+        sample(model, pos, encode(env, ""), sampler="dpmpp_2m", steps=3)
+    seen = match_rows(env, spy, {"pos": pos, "neg": encode(env, ""), "plain": plain})
+    assert {name for name, _, _ in seen} == {"pos", "neg"}  # rows match the weighted context, never the plain one
+
+
+def test_weight_one_markup_samples_exactly_like_plain_text(env):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    neg = encode(env, "")
+    plain = sample(model, encode(env, "a red cube"), neg, steps=2)
+    assert torch.equal(sample(model, encode(env, "a (red:1) (cube:1.0)"), neg, steps=2), plain)
+    assert not torch.equal(sample(model, encode(env, "a (red:3) cube"), neg, steps=2), plain)
+
+
+def test_weighting_with_clip_keeps_the_clip_tokens_and_weights_the_ella_part(env):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    clip = [[torch.randn(1, 77, 768), {}]]
+    pos = encode(env, "a photo of (sks dog:1.4) in the snow", "fixed", clip=clip)
+    assert pos[0][1]["model_conds"]["ella_prompt"].cond[0].mask.max() == pytest.approx(1.4)
+    with UNetSpy(unet) as spy:
+        sample(model, pos, encode(env, "blurry"), steps=2)
+    match_rows(env, spy, {"pos": pos, "neg": encode(env, "blurry")})
+
+
+@pytest.mark.parametrize("text", [
+    "a (red dress:1.3) on a ((wooden)) chair", r"\(literal\) (a (b) c:0.5) d", "((big:2) dog:0.5) (x)", "plain",
+    "(a:0) (b:1e1)",
+])
+def test_parser_weights_match_comfyuis_own_parser(env, text):
+    from comfy.sd1_clip import escape_important, token_weights, unescape_important
+
+    from ella.prompt_weighting import parse_weighted
+    theirs = [(unescape_important(t), w) for t, w in token_weights(escape_important(text), 1.0)]
+    ours = parse_weighted(text)
+    assert ours.text == "".join(t for t, _ in theirs)
+    assert list(ours.char_weights) == pytest.approx([w for t, w in theirs for _ in t])

@@ -186,3 +186,18 @@ def test_import_ella_works_without_diffusers_and_the_pipelines_name_it() -> None
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.startswith("ModuleNotFoundError diffusers ")
     assert "`diffusers`" in out.stdout and "pip install diffusers" in out.stdout
+
+
+@pytest.mark.parametrize("cls", [EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline])
+def test_prompt_weights_travel_in_the_mask_channel(parts: dict, cls: type) -> None:
+    from ella.pipelines import split_mask
+    pipe = make_pipe(parts, cls)
+    packed = pipe.encode_t5(["a (red:2) cat on a (mat:0)"])
+    assert torch.equal(packed[..., :-1], pipe.encode_t5(["a red cat on a mat"])[..., :-1])
+    _, weights = split_mask(packed, CONNECTOR.input_dim)
+    assert sorted(set(weights[0].tolist())) == [0.0, 1.0, 2.0]
+    plain = generate(pipe, "a red cat")
+    assert np.array_equal(generate(pipe, "a (red:1) cat"), plain)
+    assert not np.array_equal(generate(pipe, "a (red:4) cat"), plain)
+    pipe.weighted_prompts = False  # literal brackets for those who want them
+    assert not torch.equal(pipe.encode_t5(["a (red:2) cat"]), pipe.encode_t5(["a red cat"]))

@@ -102,8 +102,10 @@ def test_object_info_lists_our_nodes_with_choices_and_defaults(object_info):
     assert object_info["EllaNodes_ApplyElla"]["output"] == ["MODEL"]
 
 
-def test_seven_workflows_are_shipped():
-    assert len(WORKFLOWS) == 7
+def test_the_shipped_workflows():
+    assert [p.stem for p in WORKFLOWS] == [
+        "ella_controlnet", "ella_hires_fix", "ella_img2img", "ella_plus_clip", "ella_prompt_weighting",
+        "ella_regional_prompting", "ella_text_to_image", "ella_text_to_image_fixed_128"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
