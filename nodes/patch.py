@@ -54,15 +54,42 @@ class _Hook:
 class CondBatchHook(_Hook):
     """CALC_COND_BATCH wrapper: replaces each ELLA entry's c_crossattn before ComfyUI batches entries."""
 
+    def __init__(self, connector: Connector) -> None:
+        super().__init__(connector)
+        self._run: object = None  # the sampling run's sigma schedule (a tensor), once seen
+        self._schedule: list[tuple[float, float]] = []  # (sigma, timestep) of its steps
+        self._planned: set[tuple] = set()
+
     def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                  timestep: torch.Tensor, model_options: dict) -> Any:
         entries = [e for cond in conds if cond is not None for e in cond
-                   if KEY in e["model_conds"] and _in_range(e, timestep)]
+                   if KEY in e["model_conds"] and _in_range(e, timestep[0])]
         if entries:
             self._follow(x_in.device)
+            self._prefill(model, conds, model_options)
             contexts = self._contexts(model, entries, timestep)
             conds = [None if cond is None else [contexts.get(id(e), e) for e in cond] for cond in conds]
         return executor(model, conds, x_in, timestep, model_options)
+
+    def _prefill(self, model: Any, conds: list, model_options: dict) -> None:
+        """Once per sampling run (and per entry): the rows of each ELLA entry at the run's scheduled sigmas
+        inside its timestep range, computed in batched passes."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None:
+            return
+        if sigmas is not self._run:
+            positive = sigmas[sigmas > 0]
+            self._run, self._planned = sigmas, set()
+            self._schedule = list(zip(positive.tolist(), model.model_sampling.timestep(positive).float().tolist(),
+                                      strict=True))
+        wanted = []
+        for entry in (e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]):
+            prompt = entry["model_conds"][KEY].cond[0]
+            plan = (id(prompt.features), entry.get("timestep_start"), entry.get("timestep_end"))
+            if plan not in self._planned:
+                self._planned.add(plan)
+                wanted.append((prompt, [t for sigma, t in self._schedule if _in_range(entry, sigma)]))
+        self.builder.prefill(sigmas, wanted)
 
     def _contexts(self, model: Any, entries: list[dict], sigmas: torch.Tensor) -> dict[int, dict]:
         timesteps = model.model_sampling.timestep(sigmas).float()
@@ -81,10 +108,10 @@ class CondBatchHook(_Hook):
         return out
 
 
-def _in_range(entry: dict, sigmas: torch.Tensor) -> bool:
-    """Whether ComfyUI will run this entry at these sigmas (its timestep range, as get_area_and_mult reads it)."""
+def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:
+    """Whether ComfyUI will run this entry at this sigma (its timestep range, as get_area_and_mult reads it)."""
     start, end = entry.get("timestep_start"), entry.get("timestep_end")
-    return not ((start is not None and sigmas[0] > start) or (end is not None and sigmas[0] < end))
+    return not ((start is not None and sigma > start) or (end is not None and sigma < end))
 
 
 class ModelFunctionHook(_Hook):

@@ -380,3 +380,25 @@ def test_parser_weights_match_comfyuis_own_parser(env, text):
     ours = parse_weighted(text)
     assert ours.text == "".join(t for t, _ in theirs)
     assert list(ours.char_weights) == pytest.approx([w for t, w in theirs for _ in t])
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpm_2"])
+def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(env, sampler):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    pos, neg = encode(env, "a lighthouse at dawn"), encode(env, "")
+    before, counts = builder.rows_computed, []
+    handle = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: counts.append(builder.rows_computed - before))
+    try:
+        with UNetSpy(unet) as spy:
+            sample(model, pos, neg, sampler=sampler, steps=5)
+    finally:
+        handle.remove()
+    match_rows(env, spy, {"pos": pos, "neg": neg})  # looked-up rows are the connector's rows for each timestep
+    distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
+    if pack.nodes.host.CALC_COND_BATCH:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
+        assert counts[0] == 2 * 5
+        assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
+    else:  # 2024-03 host: no schedule is given, each evaluation computes its own rows
+        assert counts == [2 * (i + 1) for i in range(len(spy.calls))]
