@@ -28,20 +28,22 @@ class ContextBuilder:
         self.rows_computed = 0
         self._run_key: object = None
         self._rows: dict[tuple[int, float], torch.Tensor] = {}  # this run's rows, by (features id, timestep)
+        self._features: dict[int, torch.Tensor] = {}  # holds those features, so their ids stay theirs
 
     def prefill(self, run_key: object, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
         """Compute the rows of a sampling run up front: each prompt at the timesteps it will be asked for.
         `run_key` names the run (a new key drops the rows of the last one). Too many rows: nothing is kept."""
         if run_key is not self._run_key:
-            self._run_key, self._rows = run_key, {}
+            self._run_key, self._rows, self._features = run_key, {}, {}
         todo = list(dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts if (id(p.features), t) not in
                                   self._rows))
         if not todo:
             return
         if len(self._rows) + len(todo) > PREFILL_MAX_ROWS:
-            self._run_key, self._rows = None, {}
+            self._run_key, self._rows, self._features = None, {}, {}
             return
         by_id = {id(p.features): p for p, _ in wanted}
+        self._features.update((pid, p.features) for pid, p in by_id.items())
         for start in range(0, len(todo), PREFILL_CHUNK):
             keys = todo[start:start + PREFILL_CHUNK]
             with torch.no_grad():
