@@ -1,11 +1,13 @@
-"""ComfyUI glue of the ELLA pack: node classes, model patching and model folders."""
+"""ComfyUI glue of the ELLA pack: node classes, model patching, model folders and the token count route."""
 
 from .apply import ApplyElla
 from .encode import EllaTextEncode
 from .folders import register_folders
 from .loaders import LoadEllaModel, LoadT5Encoder
+from .routes import register_routes
 
 register_folders()
+register_routes()
 
 PREFIX = "EllaNodes_"
 NODE_CLASS_MAPPINGS = {

