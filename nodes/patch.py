@@ -60,6 +60,11 @@ class CondBatchHook(_Hook):
         self._schedule: list[tuple[float, float]] = []  # (sigma, timestep) of its steps
         self._planned: set[tuple] = set()
 
+    def to(self, device_or_dtype: Any) -> CondBatchHook:
+        """Current hosts call this on wrappers before and after every run (offload device at the end). The
+        connector's own ModelPatcher places it, with memory accounting, so nothing moves here."""
+        return self
+
     def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                  timestep: torch.Tensor, model_options: dict) -> Any:
         entries = [e for cond in conds if cond is not None for e in cond

@@ -402,3 +402,18 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
         assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
     else:  # 2024-03 host: no schedule is given, each evaluation computes its own rows
         assert counts == [2 * (i + 1) for i in range(len(spy.calls))]
+
+
+def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
+    pack, unet, ella, _, _ = env
+    patch = pack.nodes.patch
+    if not patch.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: the model_function_wrapper follows the UNet through model_patches_to")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    (hook,) = model.get_wrappers(patch.CALC_COND_BATCH, patch.WRAPPER_KEY)
+    # current ComfyUI casts every wrapper to the offload device after each run (cast_to_load_options);
+    # following it would move the connector off the GPU behind its ModelPatcher's back, run after run
+    assert hook.to(torch.device("meta")) is hook
+    assert {p.device.type for p in hook.builder.connector.parameters()} == {"cpu"}
+    sample(model, encode(env, "a cat"), encode(env, ""), steps=2)
+    assert {p.device.type for p in hook.builder.connector.parameters()} == {"cpu"}
