@@ -21,10 +21,12 @@ def table(sampling: dict, t5: dict, memory: dict) -> str:
     m = sampling.get("machine") or machine()
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.", "",
              "| size | batch | steps | CLIP-only s | ELLA s | ratio | ratio without CUDA graphs | "
-             "context ms per evaluation | connector rows / evaluations |", "|---|---|---|---|---|---|---|---|---|"]
+             "ELLA hook host ms per evaluation (mean, median) | connector ms per call, synchronised | "
+             "connector rows / evaluations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sampling["sampling_overhead"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['steps']} | {r['clip_s']} | {r['ella_s']} | {r['ratio']} | "
-                     f"{r['ratio_without_cuda_graphs'] or 'n/a (CPU)'} | "
+                     f"{r['ratio_without_cuda_graphs'] or 'n/a (CPU)'} | {_hook_ms(r)} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['context_ms_per_evaluation'].items())} | "
                      f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) |")
     lines += ["", "| T5 from | dtype | loader | seconds | peak RSS above baseline | weights | peak / weights |",
@@ -41,6 +43,11 @@ def table(sampling: dict, t5: dict, memory: dict) -> str:
         lines.append(f"| {free} | {r['t5_device_after_encode']} | {r['t5_device_while_sampling']} | "
                      f"{r['gpu_allocated_at_first_step_gib']} GiB | {r['gpu_peak_while_sampling_gib']} GiB |")
     return "\n".join(lines) + "\n"
+
+
+def _hook_ms(row: dict) -> str:
+    hook = row.get("hook_host_ms_per_evaluation")  # figures from before it was measured lack it
+    return f"{hook['mean']}, {hook['median']}" if hook else "n/a"
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ from connector_fixtures import RELEASED, TINY, random_connector_state
 
 
 def connector_call_ms(builder, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
-    """Milliseconds per model evaluation spent building ELLA's context (both prompts, `batch` rows each),
-    with and without CUDA graphs, synchronised."""
+    """Milliseconds per connector call for one evaluation's rows (both prompts, `batch` rows each), with and
+    without CUDA graphs, synchronised: the 2024-03 host runs this at every evaluation, current hosts up front."""
     from ella_pack.nodes.payload import KEY
 
     prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
@@ -30,6 +31,50 @@ def connector_call_ms(builder, pos: list, neg: list, batch: int, calls: int = 50
         out[label] = round(1000 * sw.seconds / calls, 3)
     builder.run.enabled = True
     return out
+
+
+class HookClock:
+    """Host seconds spent inside ELLA's hook during sampling, not counting the model call it wraps: on a GPU,
+    the time the host adds before each evaluation's UNet kernels are queued."""
+
+    def __enter__(self) -> HookClock:
+        from ella_pack.nodes import patch
+
+        self.per_call: list[float] = []
+        self._saved = []
+        for hook in (patch.CondBatchHook, patch.ModelFunctionHook):
+            self._saved.append((hook, hook.__call__))
+            hook.__call__ = self._timed(hook.__call__)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook, call in self._saved:
+            hook.__call__ = call
+
+    def _timed(self, call):
+        clock = self
+
+        def timed(hook, inner, *args):
+            start, wrapped = time.perf_counter(), _Untimed(inner)
+            try:
+                return call(hook, wrapped, *args)
+            finally:
+                clock.per_call.append(time.perf_counter() - start - wrapped.seconds)
+        return timed
+
+
+class _Untimed:
+    """Calls `inner` and records how long it took (its bound object stays reachable as __self__)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds, self.__self__ = inner, 0.0, getattr(inner, "__self__", None)
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def _sync() -> None:
@@ -75,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in args.batches:
             latent = {"samples": torch.zeros(batch, 4, size // 8, size // 8)}
             times: dict[str, list[float]] = {"clip": [], "ella": [], "ella_eager": []}
+            hook_ms: list[tuple[float, float]] = []  # (mean, median) of each ELLA run
             runs = [("clip", unet, clip_pos, clip_neg), ("ella", ella_model, ella_pos, ella_neg)]
             if torch.cuda.is_available():  # the same ELLA model with CUDA graphs off, for comparison
                 runs.append(("ella_eager", ella_model, ella_pos, ella_neg))
@@ -85,17 +131,20 @@ def main(argv: list[str] | None = None) -> dict:
                     # untimed one-step run: ComfyUI moves the weights when the sampled ModelPatcher changes
                     nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
                     before_rows, evaluations[:] = builder.rows_computed, []
-                    with Stopwatch() as sw:
+                    with Stopwatch() as sw, HookClock() as hook:
                         nodes.common_ksampler(model, 0, args.steps, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
                     times[name].append(sw.seconds)
                     if name == "ella":
                         counted = (builder.rows_computed - before_rows, len(evaluations))
+                        hook_ms.append((1000 * sum(hook.per_call) / len(hook.per_call), 1000 * median(hook.per_call)))
             per_call = connector_call_ms(ella_builder(ella_model), ella_pos, ella_neg, batch)
             rows.append({"size": size, "batch": batch, "steps": args.steps, "reps": args.reps,
                          "clip_s": round(median(times["clip"]), 3), "ella_s": round(median(times["ella"]), 3),
                          "ratio": round(median(times["ella"]) / median(times["clip"]), 4),
                          "ratio_without_cuda_graphs": round(median(times["ella_eager"]) / median(times["clip"]), 4)
                          if times["ella_eager"] else None,
+                         "hook_host_ms_per_evaluation": {"mean": round(median([m for m, _ in hook_ms]), 3),
+                                                         "median": round(median([m for _, m in hook_ms]), 3)},
                          "context_ms_per_evaluation": per_call,
                          "connector_rows": counted[0], "model_evaluations": counted[1], "distinct_prompts": 2})
     counter.remove()

@@ -27,7 +27,7 @@ class ContextBuilder:
         self.run = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
         self.rows_computed = 0
         self._run_key: object = None
-        self._rows: dict[tuple[int, float], torch.Tensor] = {}  # this run's rows, by (features id, timestep)
+        self._rows: dict[tuple[int, float], torch.Tensor] = {}  # this run's [1, L, W] rows, by (features id, timestep)
         self._features: dict[int, torch.Tensor] = {}  # holds those features, so their ids stay theirs
 
     def prefill(self, run_key: object, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
@@ -48,7 +48,12 @@ class ContextBuilder:
             keys = todo[start:start + PREFILL_CHUNK]
             with torch.no_grad():
                 out = self._compute([by_id[pid] for pid, _ in keys], [t for _, t in keys], self.connector)
-            self._rows.update(zip(keys, out, strict=True))
+            self._rows.update(zip(keys, out.split(1), strict=True))
+
+    def lookup(self, prompts: Sequence[EllaPrompt], timestep: float) -> list[torch.Tensor] | None:
+        """The up-front [1, L, W] row of each prompt at `timestep`, or None unless every one is there."""
+        rows = [self._rows.get((id(p.features), timestep)) for p in prompts]
+        return None if any(r is None for r in rows) else rows
 
     def ella_tokens(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
         """[N, num_latents, width] for row i = connector(prompts[i], timesteps[i]); rows sharing prompt
@@ -58,7 +63,7 @@ class ContextBuilder:
                      for p, t in zip(prompts, timesteps.tolist(), strict=True)]
         keys = list(distinct)
         if self._rows and all(k in self._rows for k in keys):
-            out = torch.stack([self._rows[k] for k in keys])
+            out = torch.cat([self._rows[k] for k in keys])
         else:
             by_id = {id(p.features): p for p in prompts}
             with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,9 +25,22 @@ class EllaHandle:
         first = ella.load_connector(path, dtype=compute_dtype(dtype))
         self.config = first.config
         self._by_dtype = {first.connector.latents.dtype: first}
+        self._patchers: dict[tuple, Any] = {}
 
     def for_dtype(self, dtype: torch.dtype) -> ella.Connector:
         dtype = compute_dtype(dtype)
         if dtype not in self._by_dtype:
             self._by_dtype[dtype] = ella.load_connector(self.path, dtype=dtype)
         return self._by_dtype[dtype]
+
+    def model_patcher(self, connector: ella.Connector, load_device: torch.device, offload_device: torch.device) -> Any:
+        """The ModelPatcher that places `connector` (from for_dtype) on current hosts: one per connector and
+        devices, living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it
+        served while its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry."""
+        import comfy.model_patcher
+
+        key = (connector.connector.latents.dtype, str(load_device), str(offload_device))
+        if key not in self._patchers:
+            self._patchers[key] = comfy.model_patcher.ModelPatcher(connector, load_device=load_device,
+                                                                   offload_device=offload_device)
+        return self._patchers[key]

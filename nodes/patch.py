@@ -57,7 +57,7 @@ class CondBatchHook(_Hook):
     def __init__(self, connector: Connector) -> None:
         super().__init__(connector)
         self._run: object = None  # the sampling run's sigma schedule (a tensor), once seen
-        self._schedule: list[tuple[float, float]] = []  # (sigma, timestep) of its steps
+        self._timestep_of: dict[float, float] = {}  # its scheduled sigmas' timesteps
         self._planned: set[tuple] = set()
 
     def to(self, device_or_dtype: Any) -> CondBatchHook:
@@ -68,7 +68,7 @@ class CondBatchHook(_Hook):
     def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                  timestep: torch.Tensor, model_options: dict) -> Any:
         entries = [e for cond in conds if cond is not None for e in cond
-                   if KEY in e["model_conds"] and _in_range(e, timestep[0])]
+                   if KEY in e["model_conds"] and _in_range(e, timestep)]
         if entries:
             self._follow(x_in.device)
             self._prefill(model, conds, model_options)
@@ -85,26 +85,33 @@ class CondBatchHook(_Hook):
         if sigmas is not self._run:
             positive = sigmas[sigmas > 0]
             self._run, self._planned = sigmas, set()
-            self._schedule = list(zip(positive.tolist(), model.model_sampling.timestep(positive).float().tolist(),
-                                      strict=True))
+            self._timestep_of = dict(zip(positive.float().tolist(),
+                                         model.model_sampling.timestep(positive).float().tolist(), strict=True))
         wanted = []
         for entry in (e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]):
             prompt = entry["model_conds"][KEY].cond[0]
             plan = (id(prompt.features), entry.get("timestep_start"), entry.get("timestep_end"))
             if plan not in self._planned:
                 self._planned.add(plan)
-                wanted.append((prompt, [t for sigma, t in self._schedule if _in_range(entry, sigma)]))
-        self.builder.prefill(sigmas, wanted)
+                wanted.append((prompt, [t for sigma, t in self._timestep_of.items() if _in_range(entry, sigma)]))
+        if wanted:
+            self.builder.prefill(sigmas, wanted)
 
     def _contexts(self, model: Any, entries: list[dict], sigmas: torch.Tensor) -> dict[int, dict]:
-        timesteps = model.model_sampling.timestep(sigmas).float()
-        rows = timesteps.shape[0] if bool((timesteps != timesteps[0]).any()) else 1
         prompts = [e["model_conds"][KEY].cond[0] for e in entries]
-        tokens = self.builder.ella_tokens([p for p in prompts for _ in range(rows)],
-                                          timesteps[:rows].repeat(len(prompts)))
+        values = sigmas.float().tolist()  # the one device-to-host read of an evaluation
+        uniform = values.count(values[0]) == len(values)
+        scheduled = self._timestep_of.get(values[0]) if uniform else None
+        looked_up = None if scheduled is None else self.builder.lookup(prompts, scheduled)
+        if looked_up is not None:  # a scheduled sigma: rows computed up front, no device work here
+            rows, tokens = 1, looked_up
+        else:
+            timesteps = model.model_sampling.timestep(sigmas).float()
+            rows = 1 if uniform else len(values)
+            tokens = self.builder.ella_tokens([p for p in prompts for _ in range(rows)],
+                                              timesteps[:rows].repeat(len(prompts))).split(rows)
         out = {}
-        for i, (entry, prompt) in enumerate(zip(entries, prompts, strict=True)):
-            context = tokens[i * rows:(i + 1) * rows]
+        for entry, prompt, context in zip(entries, prompts, tokens, strict=True):
             model_conds = {k: v for k, v in entry["model_conds"].items() if k != KEY}
             if prompt.clip_tokens:
                 context = _with_clip(context, model_conds["c_crossattn"].cond)
@@ -114,8 +121,13 @@ class CondBatchHook(_Hook):
 
 
 def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:
-    """Whether ComfyUI will run this entry at this sigma (its timestep range, as get_area_and_mult reads it)."""
+    """Whether ComfyUI will run this entry at this sigma, a float or an evaluation's [B] sigmas (read as
+    get_area_and_mult reads them: the first row, compared as a tensor)."""
     start, end = entry.get("timestep_start"), entry.get("timestep_end")
+    if start is None and end is None:
+        return True
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma[0]
     return not ((start is not None and sigma > start) or (end is not None and sigma < end))
 
 
@@ -154,13 +166,16 @@ class ModelFunctionHook(_Hook):
         return apply_model(args["input"], args["timestep"], **args["c"])
 
 
-def apply_ella(model: comfy.model_patcher.ModelPatcher, connector: Connector) -> comfy.model_patcher.ModelPatcher:
-    """A clone of `model` whose sampling gives ELLA conditioning its context; applying again replaces."""
+def apply_ella(model: comfy.model_patcher.ModelPatcher, connector: Connector,
+               placement: Callable[[], comfy.model_patcher.ModelPatcher] | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A clone of `model` whose sampling gives ELLA conditioning its context; applying again replaces.
+    On current hosts `placement` gives the connector's ModelPatcher (a new one when None)."""
     patched = remove_ella(model)
     if CALC_COND_BATCH:
         patched.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, CondBatchHook(connector))
-        patched.set_additional_models(WRAPPER_KEY, [comfy.model_patcher.ModelPatcher(
-            connector, load_device=model.load_device, offload_device=model.offload_device)])
+        patcher = placement() if placement else comfy.model_patcher.ModelPatcher(
+            connector, load_device=model.load_device, offload_device=model.offload_device)
+        patched.set_additional_models(WRAPPER_KEY, [patcher])
     else:
         inner = patched.model_options.get("model_function_wrapper")
         patched.set_model_unet_function_wrapper(ModelFunctionHook(connector, inner))

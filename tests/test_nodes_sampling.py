@@ -417,3 +417,74 @@ def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patc
     assert {p.device.type for p in hook.builder.connector.parameters()} == {"cpu"}
     sample(model, encode(env, "a cat"), encode(env, ""), steps=2)
     assert {p.device.type for p in hook.builder.connector.parameters()} == {"cpu"}
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the tensor ops run while `active` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.active, self.ops = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpm_2"])
+def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monkeypatch):
+    pack, unet, ella, _, _ = env
+    patch = pack.nodes.patch
+    if not patch.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: no schedule is given, each evaluation computes its rows")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    pos, neg = encode(env, "a lighthouse at dawn", clip=None), encode(env, "")
+    log, per_call, hook_call = _OpLog(), [], patch.CondBatchHook.__call__
+
+    def logged(self, executor, *args):
+        def unlogged(*inner):  # the model ELLA wraps is not ELLA's cost
+            log.active = False
+            try:
+                return executor(*inner)
+            finally:
+                log.active = True
+        log.ops, log.active = [], True
+        try:
+            return hook_call(self, unlogged, *args)
+        finally:
+            log.active = False
+            schedule = args[4]["transformer_options"]["sample_sigmas"]
+            per_call.append((float(args[3][0]), set(schedule.tolist()), log.ops))
+
+    monkeypatch.setattr(patch.CondBatchHook, "__call__", logged)
+    with log:
+        sample(model, pos, neg, sampler=sampler, steps=4)
+    first, *rest = per_call
+    assert first[2]  # the first evaluation computes the run's rows up front
+    on_schedule = [ops for sigma, scheduled, ops in rest if sigma in scheduled]
+    assert len(on_schedule) >= 3 and all(ops == [] for ops in on_schedule), on_schedule
+    if sampler == "dpm_2":  # its midpoint sigmas are off the schedule: computed when asked
+        assert any(ops for sigma, scheduled, ops in rest if sigma not in scheduled)
+
+
+def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
+    pack, unet, ella, _, _ = env
+    patch = pack.nodes.patch
+    if not patch.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: the connector follows the UNet, it has no ModelPatcher of its own")
+    import gc
+
+    import comfy.model_management as mm
+    pos, neg = encode(env, "a cat"), encode(env, "")
+    first = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    sample(first, pos, neg, steps=1)
+    # a server re-runs Apply ELLA when anything upstream changes, and drops the MODEL it gave before
+    del first
+    gc.collect()
+    with caplog.at_level("INFO"):
+        second = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+        sample(second, pos, neg, steps=1)
+    assert "memory leak" not in caplog.text.lower()
+    entries = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is ella.for_dtype(torch.float32)]
+    assert len(entries) == 1 and not any(m.is_dead() for m in mm.current_loaded_models)
