@@ -20,15 +20,17 @@ from common import machine
 def table(sampling: dict, t5: dict, memory: dict) -> str:
     m = sampling.get("machine") or machine()
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.", "",
-             "| size | batch | steps | CLIP-only s | ELLA s | ratio | ratio without CUDA graphs | "
-             "ELLA hook host ms per evaluation (mean, median) | connector ms per call, synchronised | "
-             "connector rows / evaluations |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | batch | steps | CLIP-only s | ELLA s, new prompts | ratio | ELLA s, same prompts again | ratio | "
+             "ratio without CUDA graphs | ELLA hook host ms per evaluation, new (mean, median) / again (mean) | "
+             "connector ms per call, synchronised | connector rows / evaluations, new / again |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sampling["sampling_overhead"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['steps']} | {r['clip_s']} | {r['ella_s']} | {r['ratio']} | "
+                     f"{r.get('ella_repeat_s', 'n/a')} | {r.get('ratio_repeat', 'n/a')} | "
                      f"{r['ratio_without_cuda_graphs'] or 'n/a (CPU)'} | {_hook_ms(r)} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['context_ms_per_evaluation'].items())} | "
-                     f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) |")
+                     f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) / "
+                     f"{r.get('connector_rows_repeat', 'n/a')} |")
     lines += ["", "| T5 from | dtype | loader | seconds | peak RSS above baseline | weights | peak / weights |",
               "|---|---|---|---|---|---|---|"]
     for r in t5["t5_loading"]:
@@ -47,7 +49,7 @@ def table(sampling: dict, t5: dict, memory: dict) -> str:
 
 def _hook_ms(row: dict) -> str:
     hook = row.get("hook_host_ms_per_evaluation")  # figures from before it was measured lack it
-    return f"{hook['mean']}, {hook['median']}" if hook else "n/a"
+    return f"{hook['ella']['mean']}, {hook['ella']['median']} / {hook['ella_repeat']['mean']}" if hook else "n/a"
 
 
 def main(argv: list[str] | None = None) -> str:

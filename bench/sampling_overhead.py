@@ -1,5 +1,6 @@
 """Figures 1 and 2: sampling time with ELLA vs CLIP-only conditioning through ComfyUI's real KSampler
-(interleaved repetitions, median ratio), and connector rows computed vs model evaluations."""
+(interleaved repetitions, median ratio), for prompts never sampled before and for the same prompts sampled
+again (a new seed); connector rows computed vs model evaluations."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from common import Stopwatch, host, median, random_sd15, write
 from connector_fixtures import RELEASED, TINY, random_connector_state
 
 
-def connector_call_ms(builder, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
+def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
     """Milliseconds per connector call for one evaluation's rows (both prompts, `batch` rows each), with and
-    without CUDA graphs, synchronised: the 2024-03 host runs this at every evaluation, current hosts up front."""
+    without CUDA graphs, synchronised: what the 2024-03 host runs at each evaluation of a timestep it has
+    not seen with these prompts; current hosts run the rows of a whole run up front."""
+    from ella_pack.nodes.context import ContextBuilder
     from ella_pack.nodes.payload import KEY
 
+    builder = ContextBuilder(connector)
+    builder.cache.max_rows = 0  # nothing kept: every call runs the connector
     prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
-    timesteps = torch.full((len(prompts),), 500.0, device=builder.connector.connector.latents.device)
+    timesteps = torch.full((len(prompts),), 500.0, device=connector.connector.latents.device)
     out = {}
     for label, enabled in (("graphs", True), ("eager", False)) if torch.cuda.is_available() else (("eager", False),):
         builder.run.enabled = enabled
@@ -29,7 +34,6 @@ def connector_call_ms(builder, pos: list, neg: list, batch: int, calls: int = 50
                 builder.ella_tokens(prompts, timesteps)
             _sync()
         out[label] = round(1000 * sw.seconds / calls, 3)
-    builder.run.enabled = True
     return out
 
 
@@ -111,42 +115,52 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = EllaPrompt(torch.randn(1, length, cfg.input_dim, generator=gen), torch.ones(1, length, dtype=torch.bool))
         return [[torch.zeros(1, cfg.num_latents, 768), {"model_conds": {KEY: EllaCond((prompt,))}}]]
 
-    ella_pos, ella_neg = ella_cond(128), ella_cond(1)
+    warm_up = (ella_cond(128), ella_cond(1))  # prompts of the untimed runs, so timed "new" prompts stay new
     clip_pos, clip_neg = ([[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(2))
     evaluations = []
     counter = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: evaluations.append(1))
+    builder = ella_builder(ella_model)
+    # arms: CLIP-only; ELLA with prompts never sampled before; ELLA again on the prompts just sampled (a new
+    # seed: rows kept from the run before); on a GPU, new prompts with CUDA graphs off
+    arms = ["clip", "ella", "ella_repeat"] + (["ella_eager"] if torch.cuda.is_available() else [])
     rows = []
     for size in args.sizes:
         for batch in args.batches:
             latent = {"samples": torch.zeros(batch, 4, size // 8, size // 8)}
-            times: dict[str, list[float]] = {"clip": [], "ella": [], "ella_eager": []}
-            hook_ms: list[tuple[float, float]] = []  # (mean, median) of each ELLA run
-            runs = [("clip", unet, clip_pos, clip_neg), ("ella", ella_model, ella_pos, ella_neg)]
-            if torch.cuda.is_available():  # the same ELLA model with CUDA graphs off, for comparison
-                runs.append(("ella_eager", ella_model, ella_pos, ella_neg))
+            times: dict[str, list[float]] = {arm: [] for arm in arms}
+            hook_ms: dict[str, list[tuple[float, float]]] = {"ella": [], "ella_repeat": []}  # (mean, median) per run
+            counted: dict[str, tuple[int, int]] = {}
             for _ in range(args.reps):
-                for name, model, pos, neg in runs:
-                    builder = ella_builder(ella_model)
-                    builder.run.enabled = name != "ella_eager"
+                prompts = (ella_cond(128), ella_cond(1))
+                for arm in arms:
+                    if arm == "clip":
+                        model, (pos, neg), warm = unet, (clip_pos, clip_neg), (clip_pos, clip_neg)
+                    else:
+                        model, warm = ella_model, warm_up
+                        pos, neg = (ella_cond(128), ella_cond(1)) if arm == "ella_eager" else prompts
+                    builder.run.enabled = arm != "ella_eager"
                     # untimed one-step run: ComfyUI moves the weights when the sampled ModelPatcher changes
-                    nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
+                    nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", *warm, latent)
                     before_rows, evaluations[:] = builder.rows_computed, []
                     with Stopwatch() as sw, HookClock() as hook:
                         nodes.common_ksampler(model, 0, args.steps, 7.0, "dpmpp_2m", "karras", pos, neg, latent)
-                    times[name].append(sw.seconds)
-                    if name == "ella":
-                        counted = (builder.rows_computed - before_rows, len(evaluations))
-                        hook_ms.append((1000 * sum(hook.per_call) / len(hook.per_call), 1000 * median(hook.per_call)))
-            per_call = connector_call_ms(ella_builder(ella_model), ella_pos, ella_neg, batch)
+                    times[arm].append(sw.seconds)
+                    if arm in hook_ms:
+                        counted[arm] = (builder.rows_computed - before_rows, len(evaluations))
+                        hook_ms[arm].append((1000 * sum(hook.per_call) / len(hook.per_call), 1000 * median(hook.per_call)))
+            per_call = connector_call_ms(builder.connector, *prompts, batch)
+            ratio = {arm: round(median(times[arm]) / median(times["clip"]), 4) for arm in arms}
             rows.append({"size": size, "batch": batch, "steps": args.steps, "reps": args.reps,
                          "clip_s": round(median(times["clip"]), 3), "ella_s": round(median(times["ella"]), 3),
-                         "ratio": round(median(times["ella"]) / median(times["clip"]), 4),
-                         "ratio_without_cuda_graphs": round(median(times["ella_eager"]) / median(times["clip"]), 4)
-                         if times["ella_eager"] else None,
-                         "hook_host_ms_per_evaluation": {"mean": round(median([m for m, _ in hook_ms]), 3),
-                                                         "median": round(median([m for _, m in hook_ms]), 3)},
+                         "ella_repeat_s": round(median(times["ella_repeat"]), 3),
+                         "ratio": ratio["ella"], "ratio_repeat": ratio["ella_repeat"],
+                         "ratio_without_cuda_graphs": ratio.get("ella_eager"),
+                         "hook_host_ms_per_evaluation": {arm: {"mean": round(median([m for m, _ in ms]), 3),
+                                                               "median": round(median([m for _, m in ms]), 3)}
+                                                         for arm, ms in hook_ms.items()},
                          "context_ms_per_evaluation": per_call,
-                         "connector_rows": counted[0], "model_evaluations": counted[1], "distinct_prompts": 2})
+                         "connector_rows": counted["ella"][0], "connector_rows_repeat": counted["ella_repeat"][0],
+                         "model_evaluations": counted["ella"][1], "distinct_prompts": 2})
     counter.remove()
     results = {"sampling_overhead": rows, "tiny": args.tiny, "connector_parameters": sum(
         p.numel() for p in connector.parameters()), "unet_parameters": sum(

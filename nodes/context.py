@@ -2,7 +2,8 @@
 
 When the host tells us a sampling run's schedule (current ComfyUI), the rows of every prompt at every
 scheduled timestep are computed up front in a few batched passes and each model evaluation only looks
-them up; otherwise each evaluation computes its own rows.
+them up; otherwise each evaluation computes its own rows. Rows are kept across runs (`RowCache`), so a
+graph sampled again (a new seed) costs no connector work.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 from ..ella import Connector, EllaError
 from ..ella.connector_graphs import GraphedConnector
 from .payload import EllaPrompt
+from .row_cache import Group, RowCache
 
-PREFILL_MAX_ROWS = 256  # 64 x 768 tokens each: at most 24 MiB in fp16, 48 MiB in fp32
 PREFILL_CHUNK = 64
 
 
@@ -26,52 +27,56 @@ class ContextBuilder:
         self.connector = connector
         self.run = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
         self.rows_computed = 0
+        self.cache = RowCache()
         self._run_key: object = None
-        self._rows: dict[tuple[int, float], torch.Tensor] = {}  # this run's [1, L, W] rows, by (features id, timestep)
-        self._features: dict[int, torch.Tensor] = {}  # holds those features, so their ids stay theirs
+        self._active: dict[tuple[int, float], torch.Tensor] = {}  # this run's up-front [1, L, W] rows
 
     def prefill(self, run_key: object, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
-        """Compute the rows of a sampling run up front: each prompt at the timesteps it will be asked for.
-        `run_key` names the run (a new key drops the rows of the last one). Too many rows: nothing is kept."""
+        """Make ready, in batched passes, the rows a sampling run will ask for: each prompt at the timesteps
+        it will be asked for. `run_key` names the run (a new one forgets the last run's rows). More rows than
+        the cache holds: none (each evaluation computes its own)."""
+        self.cache.follow(self.connector.connector.latents.device)
         if run_key is not self._run_key:
-            self._run_key, self._rows, self._features = run_key, {}, {}
-        todo = list(dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts if (id(p.features), t) not in
-                                  self._rows))
-        if not todo:
-            return
-        if len(self._rows) + len(todo) > PREFILL_MAX_ROWS:
-            self._run_key, self._rows, self._features = None, {}, {}
-            return
+            self._run_key, self._active = run_key, {}
         by_id = {id(p.features): p for p, _ in wanted}
-        self._features.update((pid, p.features) for pid, p in by_id.items())
+        todo = [k for k in dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts) if k not in self._active]
+        if len(self._active) + len(todo) > self.cache.max_rows:
+            return
         for start in range(0, len(todo), PREFILL_CHUNK):
-            keys = todo[start:start + PREFILL_CHUNK]
-            with torch.no_grad():
-                out = self._compute([by_id[pid] for pid, _ in keys], [t for _, t in keys], self.connector)
-            self._rows.update(zip(keys, out.split(1), strict=True))
+            group = tuple(todo[start:start + PREFILL_CHUNK])
+            self._active.update(zip(group, self._rows(group, by_id, self.connector).split(1), strict=True))
 
     def lookup(self, prompts: Sequence[EllaPrompt], timestep: float) -> list[torch.Tensor] | None:
-        """The up-front [1, L, W] row of each prompt at `timestep`, or None unless every one is there."""
-        rows = [self._rows.get((id(p.features), timestep)) for p in prompts]
+        """This run's up-front [1, L, W] row of each prompt at `timestep`, or None unless all are there."""
+        rows = [self._active.get((id(p.features), timestep)) for p in prompts]
         return None if any(r is None for r in rows) else rows
 
     def ella_tokens(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
         """[N, num_latents, width] for row i = connector(prompts[i], timesteps[i]); rows sharing prompt
         features (one encode) and a timestep share one connector evaluation."""
+        self.cache.follow(self.connector.connector.latents.device)
         distinct: dict[tuple[int, float], int] = {}
         row_index = [distinct.setdefault((id(p.features), t), len(distinct))
                      for p, t in zip(prompts, timesteps.tolist(), strict=True)]
-        keys = list(distinct)
-        if self._rows and all(k in self._rows for k in keys):
-            out = torch.cat([self._rows[k] for k in keys])
+        group = tuple(distinct)
+        if self._active and all(k in self._active for k in group):
+            out = torch.cat([self._active[k] for k in group])
         else:
-            by_id = {id(p.features): p for p in prompts}
-            with torch.no_grad():
-                out = self._compute([by_id[pid] for pid, _ in keys], [t for _, t in keys], self.run)
-        if row_index == list(range(len(keys))):
+            out = self._rows(group, {id(p.features): p for p in prompts}, self.run)
+        if row_index == list(range(len(group))):
             return out
         return out[torch.tensor(row_index, device=out.device)]
 
+    def _rows(self, group: Group, by_id: dict[int, EllaPrompt], run: object) -> torch.Tensor:
+        """The connector's rows for `group`, kept from an earlier run or computed (and kept)."""
+        out = self.cache.get(group)
+        if out is None:
+            prompts = [by_id[pid] for pid, _ in group]
+            out = self._compute(prompts, [t for _, t in group], run)
+            self.cache.put(group, [p.features for p in prompts], out)
+        return out
+
+    @torch.no_grad()
     def _compute(self, prompts: list[EllaPrompt], timesteps: list[float], run: object) -> torch.Tensor:
         weight = self.connector.connector.latents
         for p in prompts:

@@ -400,8 +400,9 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     if pack.nodes.host.CALC_COND_BATCH:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
         assert counts[0] == 2 * 5
         assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
-    else:  # 2024-03 host: no schedule is given, each evaluation computes its own rows
-        assert counts == [2 * (i + 1) for i in range(len(spy.calls))]
+    else:  # 2024-03 host: no schedule is given, each evaluation at a new timestep computes its rows
+        visited = [{float(t[0]) for t, _, _, _ in spy.calls[:i + 1]} for i in range(len(spy.calls))]
+        assert counts == [2 * len(v) for v in visited]
 
 
 def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
@@ -488,3 +489,34 @@ def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
     assert "memory leak" not in caplog.text.lower()
     entries = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is ella.for_dtype(torch.float32)]
     assert len(entries) == 1 and not any(m.is_dead() for m in mm.current_loaded_models)
+
+
+def test_sampling_a_graph_again_reuses_its_rows_bit_for_bit(env):
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    pos, neg = encode(env, "a kite over the dunes"), encode(env, "")
+    with UNetSpy(unet) as first:
+        sample(model, pos, neg, sampler="dpmpp_2m", steps=4, seed=1)
+    computed = builder.rows_computed
+    with UNetSpy(unet) as again:  # a new seed: the connector does not run
+        sample(model, pos, neg, sampler="dpmpp_2m", steps=4, seed=2)
+    assert builder.rows_computed == computed > 0
+    assert len(again.calls) == len(first.calls)
+    for (t1, c1, _, _), (t2, c2, _, _) in zip(first.calls, again.calls, strict=True):
+        assert torch.equal(t1, t2) and torch.equal(c1, c2)
+    other = encode(env, "a kite over the sea")
+    with UNetSpy(unet) as spy:
+        sample(model, other, neg, sampler="dpmpp_2m", steps=4, seed=2)
+    assert builder.rows_computed > computed
+    match_rows(env, spy, {"pos": other, "neg": neg})
+
+
+def test_a_seed_gives_the_same_image_whatever_was_sampled_before(env):
+    pack, unet, ella, _, _ = env
+    neg, dog = encode(env, ""), encode(env, "a (dog:1.2) asleep on a rug")
+    used = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    sample(used, encode(env, "a cat"), neg, sampler="dpmpp_2m", steps=3)  # leaves the negative's rows kept
+    after_cat = sample(used, dog, neg, sampler="dpmpp_2m", steps=3)
+    fresh = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    assert torch.equal(sample(fresh, dog, neg, sampler="dpmpp_2m", steps=3), after_cat)
