@@ -27,7 +27,7 @@ def table(sampling: dict, t5: dict, memory: dict) -> str:
     for r in sampling["sampling_overhead"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['steps']} | {r['clip_s']} | {r['ella_s']} | {r['ratio']} | "
                      f"{r.get('ella_repeat_s', 'n/a')} | {r.get('ratio_repeat', 'n/a')} | "
-                     f"{r['ratio_without_cuda_graphs'] or 'n/a (CPU)'} | {_hook_ms(r)} | "
+                     f"{r['ratio_without_cuda_graphs'] or 'n/a'} | {_hook_ms(r)} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['context_ms_per_evaluation'].items())} | "
                      f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) / "
                      f"{r.get('connector_rows_repeat', 'n/a')} |")

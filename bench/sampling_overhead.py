@@ -39,7 +39,8 @@ def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 
 
 class HookClock:
     """Host seconds spent inside ELLA's hook during sampling, not counting the model call it wraps: on a GPU,
-    the time the host adds before each evaluation's UNet kernels are queued."""
+    the time the host adds before each evaluation's UNet kernels are queued (including the wait, at the
+    hook's one read of the sigma, for GPU work already queued)."""
 
     def __enter__(self) -> HookClock:
         from ella_pack.nodes import patch
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     host()
     from ella_pack.ella import Connector
+    from ella_pack.nodes.host import CALC_COND_BATCH
     from ella_pack.nodes.patch import apply_ella, ella_builder
     from ella_pack.nodes.payload import KEY, EllaCond, EllaPrompt
 
@@ -121,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     counter = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: evaluations.append(1))
     builder = ella_builder(ella_model)
     # arms: CLIP-only; ELLA with prompts never sampled before; ELLA again on the prompts just sampled (a new
-    # seed: rows kept from the run before); on a GPU, new prompts with CUDA graphs off
-    arms = ["clip", "ella", "ella_repeat"] + (["ella_eager"] if torch.cuda.is_available() else [])
+    # seed: rows kept from the run before); on a GPU, new prompts with CUDA graphs off (2024-03 host only:
+    # current hosts compute a run's rows up front without graphs)
+    graphs_matter = torch.cuda.is_available() and not CALC_COND_BATCH
+    arms = ["clip", "ella", "ella_repeat"] + (["ella_eager"] if graphs_matter else [])
     rows = []
     for size in args.sizes:
         for batch in args.batches:

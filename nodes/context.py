@@ -15,7 +15,7 @@ import torch
 from ..ella import Connector, EllaError
 from ..ella.connector_graphs import GraphedConnector
 from .payload import EllaPrompt
-from .row_cache import Group, RowCache
+from .row_cache import Group, row_cache
 
 PREFILL_CHUNK = 64
 
@@ -27,28 +27,27 @@ class ContextBuilder:
         self.connector = connector
         self.run = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
         self.rows_computed = 0
-        self.cache = RowCache()
-        self._run_key: object = None
-        self._active: dict[tuple[int, float], torch.Tensor] = {}  # this run's up-front [1, L, W] rows
+        self.cache = row_cache(connector)
 
     def prefill(self, run_key: object, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
         """Make ready, in batched passes, the rows a sampling run will ask for: each prompt at the timesteps
         it will be asked for. `run_key` names the run (a new one forgets the last run's rows). More rows than
         the cache holds: none (each evaluation computes its own)."""
         self.cache.follow(self.connector.connector.latents.device)
-        if run_key is not self._run_key:
-            self._run_key, self._active = run_key, {}
+        self.cache.start_run(run_key)
         by_id = {id(p.features): p for p, _ in wanted}
-        todo = [k for k in dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts) if k not in self._active]
-        if len(self._active) + len(todo) > self.cache.max_rows:
+        todo = [k for k in dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts)
+                if self.cache.run_row(by_id[k[0]].features, k[1]) is None]
+        if self.cache.run_size + len(todo) > self.cache.max_rows:
             return
         for start in range(0, len(todo), PREFILL_CHUNK):
             group = tuple(todo[start:start + PREFILL_CHUNK])
-            self._active.update(zip(group, self._rows(group, by_id, self.connector).split(1), strict=True))
+            features = [by_id[pid].features for pid, _ in group]
+            self.cache.add_to_run(group, features, self._rows(group, by_id, self.connector, evict=True))
 
     def lookup(self, prompts: Sequence[EllaPrompt], timestep: float) -> list[torch.Tensor] | None:
         """This run's up-front [1, L, W] row of each prompt at `timestep`, or None unless all are there."""
-        rows = [self._active.get((id(p.features), timestep)) for p in prompts]
+        rows = [self.cache.run_row(p.features, timestep) for p in prompts]
         return None if any(r is None for r in rows) else rows
 
     def ella_tokens(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
@@ -59,21 +58,23 @@ class ContextBuilder:
         row_index = [distinct.setdefault((id(p.features), t), len(distinct))
                      for p, t in zip(prompts, timesteps.tolist(), strict=True)]
         group = tuple(distinct)
-        if self._active and all(k in self._active for k in group):
-            out = torch.cat([self._active[k] for k in group])
-        else:
-            out = self._rows(group, {id(p.features): p for p in prompts}, self.run)
+        by_id = {id(p.features): p for p in prompts}
+        ready = [self.cache.run_row(by_id[pid].features, t) for pid, t in group]
+        if all(row is not None for row in ready):
+            out = torch.cat(ready)
+        else:  # kept only where it fits: a run's own up-front rows stay
+            out = self._rows(group, by_id, self.run, evict=self.cache.run_key is None)
         if row_index == list(range(len(group))):
             return out
         return out[torch.tensor(row_index, device=out.device)]
 
-    def _rows(self, group: Group, by_id: dict[int, EllaPrompt], run: object) -> torch.Tensor:
+    def _rows(self, group: Group, by_id: dict[int, EllaPrompt], run: object, evict: bool) -> torch.Tensor:
         """The connector's rows for `group`, kept from an earlier run or computed (and kept)."""
         out = self.cache.get(group)
         if out is None:
             prompts = [by_id[pid] for pid, _ in group]
             out = self._compute(prompts, [t for _, t in group], run)
-            self.cache.put(group, [p.features for p in prompts], out)
+            self.cache.put(group, [p.features for p in prompts], out, evict=evict)
         return out
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .. import ella
+from .row_cache import row_cache
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -38,9 +39,18 @@ class EllaHandle:
         devices, living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it
         served while its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry."""
         import comfy.model_patcher
+        import comfy.patcher_extension
 
         key = (connector.connector.latents.dtype, str(load_device), str(offload_device))
         if key not in self._patchers:
-            self._patchers[key] = comfy.model_patcher.ModelPatcher(connector, load_device=load_device,
-                                                                   offload_device=offload_device)
+            patcher = comfy.model_patcher.ModelPatcher(connector, load_device=load_device, offload_device=offload_device)
+            patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _forget_rows)
+            self._patchers[key] = patcher
         return self._patchers[key]
+
+
+def _forget_rows(patcher: Any, unpatch_all: bool) -> None:
+    """ComfyUI unloads the connector (not merely swapping one clone of its patcher for another): the rows
+    kept for it go too, so that no memory stays on the device it left."""
+    if unpatch_all:
+        row_cache(patcher.model).clear()

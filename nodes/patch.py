@@ -8,6 +8,8 @@ wrapper already there) swaps the context into the batched call. Both are reversi
 from __future__ import annotations
 
 import copy
+import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from .host import CALC_COND_BATCH
 from .payload import KEY, EllaPrompt
 
 WRAPPER_KEY = "ella_nodes"
+RUN_TOKEN = "ella_nodes_run"
 
 
 def _with_clip(ella: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,7 @@ class CondBatchHook(_Hook):
 
     def __init__(self, connector: Connector) -> None:
         super().__init__(connector)
-        self._run: object = None  # the sampling run's sigma schedule (a tensor), once seen
+        self._run: object = None  # the token of the sampling run in progress
         self._timestep_of: dict[float, float] = {}  # its scheduled sigmas' timesteps
         self._planned: set[tuple] = set()
 
@@ -67,35 +70,39 @@ class CondBatchHook(_Hook):
 
     def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
                  timestep: torch.Tensor, model_options: dict) -> Any:
-        entries = [e for cond in conds if cond is not None for e in cond
-                   if KEY in e["model_conds"] and _in_range(e, timestep)]
+        ella = [e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]]
+        entries = [e for e in ella if _in_range(e, timestep)]
         if entries:
             self._follow(x_in.device)
-            self._prefill(model, conds, model_options)
+            self._prefill(model, ella, model_options)
             contexts = self._contexts(model, entries, timestep)
             conds = [None if cond is None else [contexts.get(id(e), e) for e in cond] for cond in conds]
         return executor(model, conds, x_in, timestep, model_options)
 
-    def _prefill(self, model: Any, conds: list, model_options: dict) -> None:
+    def _prefill(self, model: Any, ella: list[dict], model_options: dict) -> None:
         """Once per sampling run (and per entry): the rows of each ELLA entry at the run's scheduled sigmas
         inside its timestep range, computed in batched passes."""
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        options = model_options.get("transformer_options", {})
+        sigmas = options.get("sample_sigmas")
         if sigmas is None:
             return
-        if sigmas is not self._run:
+        # the host gives each run its own copy of transformer_options: a token there marks the run (the
+        # sigmas tensor may be the same object run after run, e.g. a cached scheduler output on CPU)
+        run = options.setdefault(RUN_TOKEN, object())
+        if run is not self._run:
             positive = sigmas[sigmas > 0]
-            self._run, self._planned = sigmas, set()
+            self._run, self._planned = run, set()
             self._timestep_of = dict(zip(positive.float().tolist(),
                                          model.model_sampling.timestep(positive).float().tolist(), strict=True))
         wanted = []
-        for entry in (e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]):
+        for entry in ella:
             prompt = entry["model_conds"][KEY].cond[0]
             plan = (id(prompt.features), entry.get("timestep_start"), entry.get("timestep_end"))
             if plan not in self._planned:
                 self._planned.add(plan)
                 wanted.append((prompt, [t for sigma, t in self._timestep_of.items() if _in_range(entry, sigma)]))
         if wanted:
-            self.builder.prefill(sigmas, wanted)
+            self.builder.prefill(run, wanted)
 
     def _contexts(self, model: Any, entries: list[dict], sigmas: torch.Tensor) -> dict[int, dict]:
         prompts = [e["model_conds"][KEY].cond[0] for e in entries]
@@ -121,14 +128,26 @@ class CondBatchHook(_Hook):
 
 
 def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:
-    """Whether ComfyUI will run this entry at this sigma, a float or an evaluation's [B] sigmas (read as
-    get_area_and_mult reads them: the first row, compared as a tensor)."""
+    """Whether ComfyUI will run this entry at this sigma: an evaluation's [B] sigmas, of which
+    get_area_and_mult compares the first row as a tensor, or a schedule's sigma as a float32 value (the
+    tensor comparison rounds the bound to float32 too)."""
     start, end = entry.get("timestep_start"), entry.get("timestep_end")
     if start is None and end is None:
         return True
     if isinstance(sigma, torch.Tensor):
         sigma = sigma[0]
+    else:
+        start, end = _float32(start), _float32(end)
     return not ((start is not None and sigma > start) or (end is not None and sigma < end))
+
+
+def _float32(value: float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: a float32 tensor compares it as infinity
+        return math.copysign(math.inf, value)
 
 
 class ModelFunctionHook(_Hook):

@@ -387,7 +387,7 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     pack, unet, ella, _, _ = env
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
-    pos, neg = encode(env, "a lighthouse at dawn"), encode(env, "")
+    pos, neg = encode(env, f"a lighthouse at dawn, {sampler}"), encode(env, "")  # rows of no earlier test
     before, counts = builder.rows_computed, []
     handle = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: counts.append(builder.rows_computed - before))
     try:
@@ -520,3 +520,71 @@ def test_a_seed_gives_the_same_image_whatever_was_sampled_before(env):
     after_cat = sample(used, dog, neg, sampler="dpmpp_2m", steps=3)
     fresh = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     assert torch.equal(sample(fresh, dog, neg, sampler="dpmpp_2m", steps=3), after_cat)
+
+
+def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
+    pack, unet, ella, _, _ = env
+    if not pack.nodes.host.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
+    import comfy.sample
+    import comfy.samplers
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    builder.cache.max_rows = 20  # room for one run's rows: 2 prompts x 5 steps, twice over
+    # SamplerCustom with a cached scheduler output: on CPU, sigmas.to(device) is the same tensor every run
+    sigmas = comfy.samplers.calculate_sigmas(unet.get_model_object("model_sampling"), "normal", 5)
+    neg = encode(env, "")
+    for text in ("a red kite", "a green kite", "a blue kite"):
+        pos, before, counts = encode(env, text), builder.rows_computed, []
+        hook = unet.model.diffusion_model.register_forward_pre_hook(
+            lambda *a, counts=counts, before=before: counts.append(builder.rows_computed - before))
+        try:
+            with UNetSpy(unet) as spy:
+                comfy.sample.sample_custom(model, torch.randn(1, 4, 8, 8), 5.0, comfy.samplers.sampler_object("dpmpp_2m"),
+                                           sigmas, pos, neg, torch.zeros(1, 4, 8, 8), seed=0)
+        finally:
+            hook.remove()
+        assert counts[0] == counts[-1] == 2 * 5  # every run's rows up front, at its first evaluation
+        match_rows(env, spy, {"pos": pos, "neg": neg})
+
+
+def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
+    pack, unet, ella, _, _ = env
+    if not pack.nodes.host.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: the connector has no ModelPatcher of its own")
+    import comfy.model_management as mm
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    cache = pack.nodes.patch.ella_builder(model).cache
+    sample(model, encode(env, "a harbour at night"), encode(env, ""), steps=2)
+    sample(model, encode(env, "a harbour at noon"), encode(env, ""), steps=2)  # a run swaps patcher clones
+    assert len(cache) > 0
+    mm.unload_all_models()
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("bounds", [{"timestep_end": 1.0000000001}, {"timestep_start": 0.9999999999},
+                                    {"timestep_start": 1.0}, {"timestep_end": 1.5}, {"timestep_start": 1e39},
+                                    {"timestep_start": 2.0, "timestep_end": 0.5}])
+def test_schedule_ranges_are_read_as_comfyui_compares_them(env, bounds):
+    in_range = env[0].nodes.patch._in_range
+    for sigma in (1.0, 0.5, 2.0, 0.75):
+        assert in_range(bounds, sigma) == in_range(bounds, torch.tensor([sigma])), sigma
+
+
+def test_rows_asked_for_off_the_schedule_do_not_push_out_the_runs_own(env):
+    pack, unet, ella, _, _ = env
+    if not pack.nodes.host.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    builder.cache.max_rows = 2 * 4  # exactly the run's up-front rows: 2 prompts x 4 steps
+    pos, neg = encode(env, "a fox in the snow, dpm_2"), encode(env, "")
+    sample(model, pos, neg, sampler="dpm_2", steps=4)  # dpm_2 also asks for the midpoints between steps
+    before, counts = builder.rows_computed, []
+    hook = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: counts.append(builder.rows_computed - before))
+    try:
+        sample(model, pos, neg, sampler="dpm_2", steps=4, seed=1)
+    finally:
+        hook.remove()
+    assert counts[0] == 0  # the up-front rows were kept; only the midpoints are computed again
+    assert counts[-1] > 0

@@ -61,3 +61,14 @@ def test_kept_features_keep_their_ids(cache):
     (fid, _), = group
     fresh = [torch.zeros(1) for _ in range(100)]  # the kept tensor is alive, so no new one takes its id
     assert all(id(f) != fid for f in fresh)
+
+
+def test_every_apply_of_a_connector_shares_one_cache_that_goes_with_it():
+    import gc
+    row_cache = boot(ROOT).nodes.row_cache
+    one, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert row_cache.row_cache(one) is row_cache.row_cache(one) is not row_cache.row_cache(other)
+    before = len(row_cache._BY_CONNECTOR)
+    del one
+    gc.collect()
+    assert len(row_cache._BY_CONNECTOR) == before - 1
