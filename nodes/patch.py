@@ -88,7 +88,7 @@ class CondBatchHook(_Hook):
             return
         # the host gives each run its own copy of transformer_options: a token there marks the run (the
         # sigmas tensor may be the same object run after run, e.g. a cached scheduler output on CPU)
-        run = options.setdefault(RUN_TOKEN, object())
+        run = options.setdefault(RUN_TOKEN, _RunToken())
         if run is not self._run:
             positive = sigmas[sigmas > 0]
             self._run, self._planned = run, set()
@@ -125,6 +125,16 @@ class CondBatchHook(_Hook):
             model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
             out[id(entry)] = {**entry, "model_conds": model_conds}
         return out
+
+
+class _RunToken:
+    """Marks one sampling run; copies of the run's options (shallow or deep) keep the same token."""
+
+    def __copy__(self) -> _RunToken:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _RunToken:
+        return self
 
 
 def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:

@@ -63,6 +63,34 @@ class UNetSpy:
         self.handle.remove()
 
 
+class RowCounter:
+    """Connector rows computed since entering, read at every UNet evaluation (`counts`)."""
+
+    def __init__(self, unet, builder):
+        self.unet, self.builder, self.counts = unet, builder, []
+
+    def __enter__(self):
+        before = self.builder.rows_computed
+        self.handle = self.unet.model.diffusion_model.register_forward_pre_hook(
+            lambda *a: self.counts.append(self.builder.rows_computed - before))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def scheduled_model(env, max_rows=None):
+    """A fresh Apply ELLA MODEL and its context builder, on hosts that give the run's schedule."""
+    pack, unet, ella, _, _ = env
+    if not pack.nodes.host.CALC_COND_BATCH:
+        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    builder = pack.nodes.patch.ella_builder(model)
+    if max_rows is not None:
+        builder.cache.max_rows = max_rows
+    return model, builder
+
+
 def encode(env, text, mode="flexible", clip=None):
     pack = env[0]
     return pack.nodes.encode.EllaTextEncode().encode(env[3], text, mode, 128, clip)[0]
@@ -388,13 +416,9 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
     pos, neg = encode(env, f"a lighthouse at dawn, {sampler}"), encode(env, "")  # rows of no earlier test
-    before, counts = builder.rows_computed, []
-    handle = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: counts.append(builder.rows_computed - before))
-    try:
-        with UNetSpy(unet) as spy:
-            sample(model, pos, neg, sampler=sampler, steps=5)
-    finally:
-        handle.remove()
+    with RowCounter(unet, builder) as rows, UNetSpy(unet) as spy:
+        sample(model, pos, neg, sampler=sampler, steps=5)
+    counts = rows.counts
     match_rows(env, spy, {"pos": pos, "neg": neg})  # looked-up rows are the connector's rows for each timestep
     distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
     if pack.nodes.host.CALC_COND_BATCH:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
@@ -523,28 +547,19 @@ def test_a_seed_gives_the_same_image_whatever_was_sampled_before(env):
 
 
 def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
-    pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
-        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
+    unet = env[1]
+    model, builder = scheduled_model(env, max_rows=20)  # room for one run's rows (2 prompts x 5 steps) twice
     import comfy.sample
     import comfy.samplers
-    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    builder = pack.nodes.patch.ella_builder(model)
-    builder.cache.max_rows = 20  # room for one run's rows: 2 prompts x 5 steps, twice over
     # SamplerCustom with a cached scheduler output: on CPU, sigmas.to(device) is the same tensor every run
     sigmas = comfy.samplers.calculate_sigmas(unet.get_model_object("model_sampling"), "normal", 5)
     neg = encode(env, "")
     for text in ("a red kite", "a green kite", "a blue kite"):
-        pos, before, counts = encode(env, text), builder.rows_computed, []
-        hook = unet.model.diffusion_model.register_forward_pre_hook(
-            lambda *a, counts=counts, before=before: counts.append(builder.rows_computed - before))
-        try:
-            with UNetSpy(unet) as spy:
-                comfy.sample.sample_custom(model, torch.randn(1, 4, 8, 8), 5.0, comfy.samplers.sampler_object("dpmpp_2m"),
-                                           sigmas, pos, neg, torch.zeros(1, 4, 8, 8), seed=0)
-        finally:
-            hook.remove()
-        assert counts[0] == counts[-1] == 2 * 5  # every run's rows up front, at its first evaluation
+        pos = encode(env, text)
+        with RowCounter(unet, builder) as rows, UNetSpy(unet) as spy:
+            comfy.sample.sample_custom(model, torch.randn(1, 4, 8, 8), 5.0, comfy.samplers.sampler_object("dpmpp_2m"),
+                                       sigmas, pos, neg, torch.zeros(1, 4, 8, 8), seed=0)
+        assert rows.counts[0] == rows.counts[-1] == 2 * 5  # every run's rows up front, at its first evaluation
         match_rows(env, spy, {"pos": pos, "neg": neg})
 
 
@@ -572,19 +587,18 @@ def test_schedule_ranges_are_read_as_comfyui_compares_them(env, bounds):
 
 
 def test_rows_asked_for_off_the_schedule_do_not_push_out_the_runs_own(env):
-    pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
-        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
-    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    builder = pack.nodes.patch.ella_builder(model)
-    builder.cache.max_rows = 2 * 4  # exactly the run's up-front rows: 2 prompts x 4 steps
+    model, builder = scheduled_model(env, max_rows=2 * 4)  # exactly the run's up-front rows: 2 prompts x 4 steps
     pos, neg = encode(env, "a fox in the snow, dpm_2"), encode(env, "")
     sample(model, pos, neg, sampler="dpm_2", steps=4)  # dpm_2 also asks for the midpoints between steps
-    before, counts = builder.rows_computed, []
-    hook = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: counts.append(builder.rows_computed - before))
-    try:
+    with RowCounter(env[1], builder) as rows:
         sample(model, pos, neg, sampler="dpm_2", steps=4, seed=1)
-    finally:
-        hook.remove()
-    assert counts[0] == 0  # the up-front rows were kept; only the midpoints are computed again
-    assert counts[-1] > 0
+    assert rows.counts[0] == 0  # the up-front rows were kept; only the midpoints are computed again
+    assert rows.counts[-1] > 0
+
+
+def test_a_run_token_survives_copies_of_the_runs_options(env):
+    import copy
+    token = env[0].nodes.patch._RunToken()
+    options = {"transformer_options": {"ella_nodes_run": token}}
+    assert copy.deepcopy(options)["transformer_options"]["ella_nodes_run"] is token
+    assert copy.copy(token) is token
