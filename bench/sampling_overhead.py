@@ -19,9 +19,10 @@ def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 
     not seen with these prompts; current hosts run the rows of a whole run up front."""
     from ella_pack.nodes.context import ContextBuilder
     from ella_pack.nodes.payload import KEY
+    from ella_pack.nodes.row_cache import RowCache
 
     builder = ContextBuilder(connector)
-    builder.cache.max_rows = 0  # nothing kept: every call runs the connector
+    builder.cache = RowCache(max_rows=0)  # its own cache, keeping nothing: every call runs the connector
     prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
     timesteps = torch.full((len(prompts),), 500.0, device=connector.connector.latents.device)
     out = {}

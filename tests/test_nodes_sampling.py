@@ -86,8 +86,8 @@ def scheduled_model(env, max_rows=None):
         pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
-    if max_rows is not None:
-        builder.cache.max_rows = max_rows
+    if max_rows is not None:  # a cache of its own: the connector's shared one stays as it is
+        builder.cache = pack.nodes.row_cache.RowCache(max_rows)
     return model, builder
 
 
