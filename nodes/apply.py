@@ -36,5 +36,5 @@ class ApplyElla:
         base = model.model
         # the dtype the UNet computes in (fp8 storage computes in manual_cast_dtype)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-        connector = ella.for_dtype(dtype)
-        return (apply_ella(model, connector, lambda: ella.model_patcher(connector, model.load_device, model.offload_device)),)
+        devices = (model.load_device, model.offload_device)
+        return (apply_ella(model, ella.connector(dtype, *devices), lambda: ella.model_patcher(dtype, *devices)),)

@@ -1,4 +1,4 @@
-"""The ELLA_CONNECTOR value: a validated connector file, loaded once per compute dtype a UNet needs."""
+"""The ELLA_CONNECTOR value: a validated connector file, loaded once per compute dtype and devices a UNet needs."""
 
 from __future__ import annotations
 
@@ -19,34 +19,43 @@ def compute_dtype(dtype: torch.dtype | None, fallback: torch.dtype = torch.float
 
 
 class EllaHandle:
-    """A connector file; `for_dtype` loads it from the file in each dtype asked for (no double rounding)."""
+    """A connector file, loaded once per compute dtype and devices a UNet needs (from the file each time: no
+    double rounding; UNets on two GPUs never share, and so never move, one connector)."""
 
     def __init__(self, path: Path, dtype: torch.dtype) -> None:
         self.path = path
         first = ella.load_connector(path, dtype=compute_dtype(dtype))
         self.config = first.config
-        self._by_dtype = {first.connector.latents.dtype: first}
-        self._patchers: dict[tuple, Any] = {}
+        self._spare = {first.connector.latents.dtype: first}  # loaded to check the file; used by the first UNet
+        self._connectors: dict[tuple[torch.dtype, str, str], ella.Connector] = {}
+        self._patchers: dict[tuple[torch.dtype, str, str], Any] = {}
 
-    def for_dtype(self, dtype: torch.dtype) -> ella.Connector:
-        dtype = compute_dtype(dtype)
-        if dtype not in self._by_dtype:
-            self._by_dtype[dtype] = ella.load_connector(self.path, dtype=dtype)
-        return self._by_dtype[dtype]
+    def connector(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> ella.Connector:
+        """The connector for a UNet that computes in `dtype` and lives on these devices."""
+        key = _key(dtype, load_device, offload_device)
+        if key not in self._connectors:
+            spare = self._spare.pop(key[0], None)
+            self._connectors[key] = spare if spare is not None else ella.load_connector(self.path, dtype=key[0])
+        return self._connectors[key]
 
-    def model_patcher(self, connector: ella.Connector, load_device: torch.device, offload_device: torch.device) -> Any:
-        """The ModelPatcher that places `connector` (from for_dtype) on current hosts: one per connector and
-        devices, living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it
-        served while its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry."""
+    def model_patcher(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> Any:
+        """The ModelPatcher that places `connector(dtype, load_device, offload_device)` on current hosts,
+        living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it served while
+        its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry."""
         import comfy.model_patcher
         import comfy.patcher_extension
 
-        key = (connector.connector.latents.dtype, str(load_device), str(offload_device))
+        key = _key(dtype, load_device, offload_device)
         if key not in self._patchers:
-            patcher = comfy.model_patcher.ModelPatcher(connector, load_device=load_device, offload_device=offload_device)
+            patcher = comfy.model_patcher.ModelPatcher(self.connector(dtype, load_device, offload_device),
+                                                       load_device=load_device, offload_device=offload_device)
             patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _forget_rows)
             self._patchers[key] = patcher
         return self._patchers[key]
+
+
+def _key(dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> tuple[torch.dtype, str, str]:
+    return compute_dtype(dtype), str(load_device), str(offload_device)
 
 
 def _forget_rows(patcher: Any, unpatch_all: bool) -> None:

@@ -25,6 +25,8 @@ def test_bench_scripts_run_on_tiny_models(tmp_path):
         for arm in ("ella", "ella_repeat"):
             hook = row["hook_host_ms_per_evaluation"][arm]
             assert hook["mean"] >= hook["median"] > 0
+            assert row["hook_host_s_per_run"][arm] > 0
+        assert all(len(runs) == row["reps"] for runs in row["runs_s"].values())  # every timed run, for the spread
     t5 = json.loads((tmp_path / "t5.json").read_text())
     assert {(r["layout"], r["dtype"], r["loader"]) for r in t5["t5_loading"]} >= {("single", "fp16", "ella"),
                                                                               ("folder", "fp32", "transformers")}

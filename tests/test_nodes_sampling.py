@@ -106,7 +106,8 @@ def sample(model, positive, negative, sampler="euler", scheduler="normal", steps
 def expected(env, cond, t):
     """connector(features of the entry, t, its token weights) for one row, computed alone (no padding)."""
     prompt = cond[0][1]["model_conds"]["ella_prompt"].cond[0]
-    connector = env[2].for_dtype(torch.float32)
+    unet = env[1]
+    connector = env[2].connector(torch.float32, unet.load_device, unet.offload_device)
     with torch.no_grad():
         return connector(prompt.features, t.reshape(1), None if prompt.unmasked else prompt.mask)[0]
 
@@ -127,7 +128,7 @@ def _length(cond):
     payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
     if payload is None:
         return cond[0][0].shape[1]
-    return CONNECTOR.num_latents + payload.cond[0].clip_tokens
+    return CONNECTOR.num_latents + (cond[0][0].shape[1] if payload.cond[0].clip_tokens else 0)
 
 
 def _row_matches(env, cond, context, t):
@@ -159,6 +160,26 @@ def test_every_evaluation_gets_its_own_timesteps_context(env, sampler, scheduler
         assert len(spy.calls) == 2 * 5 - 1  # evaluations between steps got their own timestep too
     if denoise < 1:
         assert max(timesteps) < 900
+
+
+def test_nodes_that_edit_tokens_act_on_the_clip_part_only(env):
+    """Average, Concat and Zero Out edit a conditioning's tensor, and ELLA's tokens are made after them: they
+    change the CLIP part of ELLA + CLIP conditioning and nothing of ELLA-only conditioning (as the README says)."""
+    import nodes
+    pack, unet, ella, _, _ = env
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    other = [[torch.randn(1, 77, 768), {}]]
+    edits = {"zero out": nodes.ConditioningZeroOut().zero_out,
+             "average": lambda c: nodes.ConditioningAverage().addWeighted(c, other, 0.25),
+             "concat": lambda c: nodes.ConditioningConcat().concat(c, other)}
+    neg = encode(env, "")
+    for pos in (encode(env, "a red kite"), encode(env, "a red kite", clip=[[torch.randn(1, 77, 768), {}]])):
+        for name, edit in edits.items():
+            edited = edit(pos)[0]
+            with UNetSpy(unet) as spy:
+                sample(model, edited, neg, steps=2)
+            # each row is checked against the edited tensor: ELLA tokens, then the edited CLIP tokens if any
+            assert {row for row, _, _ in match_rows(env, spy, {"pos": edited, "neg": neg})} == {"pos", "neg"}, name
 
 
 def test_batch_of_three_with_combine_area_and_clip_negative(env):
@@ -511,8 +532,23 @@ def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
         second = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
         sample(second, pos, neg, steps=1)
     assert "memory leak" not in caplog.text.lower()
-    entries = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is ella.for_dtype(torch.float32)]
+    connector = patch.ella_builder(second).connector
+    entries = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is connector]
     assert len(entries) == 1 and not any(m.is_dead() for m in mm.current_loaded_models)
+
+
+def test_models_on_two_devices_get_connectors_of_their_own(env):
+    pack, unet, ella, _, _ = env
+    apply, builder = pack.nodes.apply.ApplyElla().apply, pack.nodes.patch.ella_builder
+    elsewhere = unet.clone()
+    elsewhere.load_device = torch.device("meta")  # stands in for a second GPU
+    here = builder(apply(unet, ella)[0]).connector
+    assert builder(apply(unet, ella)[0]).connector is here  # one device: one connector, loaded once
+    there = builder(apply(elsewhere, ella)[0]).connector
+    # one module shared by both would be moved back and forth between the GPUs (and, on current
+    # hosts, placed by two ModelPatchers that each believe it is theirs)
+    assert there is not here
+    assert torch.equal(there.connector.latents, here.connector.latents)
 
 
 def test_sampling_a_graph_again_reuses_its_rows_bit_for_bit(env):
