@@ -180,6 +180,12 @@ def test_nodes_that_edit_tokens_act_on_the_clip_part_only(env):
                 sample(model, edited, neg, steps=2)
             # each row is checked against the edited tensor: ELLA tokens, then the edited CLIP tokens if any
             assert {row for row, _, _ in match_rows(env, spy, {"pos": edited, "neg": neg})} == {"pos", "neg"}, name
+    # as conditioning_from, ELLA conditioning gives its stand-in tokens: ComfyUI keeps only `to`'s payload
+    lost = nodes.ConditioningConcat().concat(other, encode(env, "a red kite"))[0]
+    assert "ella_prompt" not in lost[0][1].get("model_conds", {})
+    with UNetSpy(unet) as spy:
+        sample(model, lost, neg, steps=2)
+    assert {row for row, _, _ in match_rows(env, spy, {"pos": lost, "neg": neg})} == {"pos", "neg"}
 
 
 def test_batch_of_three_with_combine_area_and_clip_negative(env):
