@@ -26,7 +26,7 @@ class EllaHandle:
         self.path = path
         first = ella.load_connector(path, dtype=compute_dtype(dtype))
         self.config = first.config
-        self._spare = {first.connector.latents.dtype: first}  # loaded to check the file; used by the first UNet
+        self._spare = {first.connector.latents.dtype: first}  # loaded to check the file; kept for a UNet in its dtype
         self._connectors: dict[tuple[torch.dtype, str, str], ella.Connector] = {}
         self._patchers: dict[tuple[torch.dtype, str, str], Any] = {}
 
@@ -35,6 +35,7 @@ class EllaHandle:
         key = _key(dtype, load_device, offload_device)
         if key not in self._connectors:
             spare = self._spare.pop(key[0], None)
+            self._spare.clear()  # the first UNet computes in another dtype (fp8 storage): don't hold it for nothing
             self._connectors[key] = spare if spare is not None else ella.load_connector(self.path, dtype=key[0])
         return self._connectors[key]
 

@@ -375,6 +375,19 @@ def test_fp8_storage_runs_the_connector_in_a_compute_dtype(env, monkeypatch):
     assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
 
 
+def test_the_copy_loaded_to_check_the_file_goes_when_the_unet_computes_in_another_dtype(env, monkeypatch):
+    import gc
+    import weakref
+    pack, unet, _, _, _ = env
+    handle = pack.nodes.loaders.LoadEllaModel().load("ella-tiny.safetensors")[0]  # checked in unet_dtype()
+    checked = weakref.ref(next(iter(handle._spare.values())))
+    monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)  # fp8 storage
+    model = pack.nodes.apply.ApplyElla().apply(unet, handle)[0]
+    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+    gc.collect()
+    assert checked() is None  # 267 MB of RAM at the released size, held for nothing
+
+
 def test_t5_width_must_match_the_connector(env):
     from ella_pack.ella import EllaError
     pack, unet, _, _, _ = env
