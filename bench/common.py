@@ -6,6 +6,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
                  use_spatial_transformer=True, legacy=False, use_linear_in_transformer=False, adm_in_channels=None)
+CONNECTOR_FOLDER = Path(tempfile.gettempdir()) / "ella-bench"  # the bench's random connector files
 TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
 
 
@@ -53,6 +55,22 @@ def random_sd15(tiny: bool):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def ella_sd15(unet, cfg, folder: Path = CONNECTOR_FOLDER):
+    """`unet` patched as a user's graph patches it: a random connector of `cfg` written to `folder`, read by
+    Load ELLA Model and applied by Apply ELLA (so it computes in the UNet's dtype, on the UNet's devices)."""
+    import folder_paths
+    from connector_fixtures import save_connector
+    from ella_pack.nodes.apply import ApplyElla
+    from ella_pack.nodes.loaders import LoadEllaModel
+
+    name = f"ella-bench-{cfg.width}-{cfg.num_blocks}-{cfg.input_dim}.safetensors"
+    if not (folder / name).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        save_connector(folder / f"{name}.part", cfg).rename(folder / name)  # never a half-written file
+    folder_paths.add_model_folder_path("ella", str(folder))
+    return ApplyElla().apply(unet, LoadEllaModel().load(name)[0])[0]
 
 
 def _status_mib(key: str) -> float:

@@ -19,7 +19,9 @@ from common import machine
 
 def table(sampling: dict, t5: dict, memory: dict) -> str:
     m = sampling.get("machine") or machine()
-    lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.", "",
+    dtypes = (f" UNet {sampling['unet_dtype']}, connector {sampling['connector_dtype']} (as Load ELLA Model gives it)."
+              if "connector_dtype" in sampling else "")  # figures from before it was recorded lack it
+    lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.{dtypes}", "",
              "| size | batch | steps | CLIP-only s | ELLA s, new prompts | ratio | ELLA s, same prompts again | ratio | "
              "ratio without CUDA graphs | ELLA hook host ms per evaluation, new (mean, median) / again (mean) | "
              "connector ms per call, synchronised | connector rows / evaluations, new / again |",

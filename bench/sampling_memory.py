@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import host, random_sd15, write
-from connector_fixtures import RELEASED, TINY, random_connector_state
+from common import ella_sd15, host, random_sd15, write
+from connector_fixtures import RELEASED, TINY
 from t5_loading import TINY as TINY_T5
 from t5_loading import make_files
 
@@ -24,9 +24,7 @@ def _gib(n: int) -> float:
 def sample_once(t5_path: Path, free_gib: float | None, tiny: bool) -> dict:
     """Load, encode, sample; report T5's device and GPU memory at the UNet's first call."""
     import comfy.model_management as mm
-    from ella_pack.ella import Connector
     from ella_pack.nodes.encode import EllaTextEncode
-    from ella_pack.nodes.patch import apply_ella
     from ella_pack.nodes.t5_handle import T5Handle
 
     import nodes
@@ -39,10 +37,8 @@ def sample_once(t5_path: Path, free_gib: float | None, tiny: bool) -> dict:
         free, _ = torch.cuda.mem_get_info()
         ballast = torch.empty(max(0, free - int(free_gib * 2**30)), dtype=torch.uint8, device="cuda")
     cfg = TINY.__class__(**{**TINY.__dict__, "width": 768, "input_dim": TINY_T5["d_model"]}) if tiny else RELEASED
-    connector = Connector(cfg)
-    connector.load_state_dict(random_connector_state(cfg))
     unet = random_sd15(tiny)
-    model = apply_ella(unet, connector.eval().requires_grad_(False))
+    model = ella_sd15(unet, cfg)
     t5 = T5Handle(t5_path, "auto")
     encode = EllaTextEncode()
     (pos,) = encode.encode(t5, "a lighthouse on a rocky cliff at dawn, watercolor", "fixed", 128)

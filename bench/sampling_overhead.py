@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import Stopwatch, host, median, random_sd15, write
-from connector_fixtures import RELEASED, TINY, random_connector_state
+from common import Stopwatch, ella_sd15, host, median, random_sd15, write
+from connector_fixtures import RELEASED, TINY
 
 
 def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
@@ -99,19 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     host()
-    from ella_pack.ella import Connector
     from ella_pack.nodes.host import CALC_COND_BATCH
-    from ella_pack.nodes.patch import apply_ella, ella_builder
+    from ella_pack.nodes.patch import ella_builder
     from ella_pack.nodes.payload import KEY, EllaCond, EllaPrompt
 
     import nodes
 
     cfg = TINY.__class__(**{**TINY.__dict__, "width": 768}) if args.tiny else RELEASED
-    connector = Connector(cfg)
-    connector.load_state_dict(random_connector_state(cfg))
-    connector.eval().requires_grad_(False)
     unet = random_sd15(args.tiny)
-    ella_model = apply_ella(unet, connector)
+    ella_model = ella_sd15(unet, cfg)
+    connector = ella_builder(ella_model).connector
     gen = torch.Generator().manual_seed(0)
 
     def ella_cond(length: int) -> list:
@@ -173,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "connector_rows": counted["ella"][0], "connector_rows_repeat": counted["ella_repeat"][0],
                          "model_evaluations": counted["ella"][1], "distinct_prompts": 2})
     counter.remove()
-    results = {"sampling_overhead": rows, "tiny": args.tiny, "connector_parameters": sum(
+    results = {"sampling_overhead": rows, "tiny": args.tiny, "unet_dtype": str(unet.model.get_dtype()),
+               "connector_dtype": str(connector.connector.latents.dtype), "connector_parameters": sum(
         p.numel() for p in connector.parameters()), "unet_parameters": sum(
         p.numel() for p in unet.model.diffusion_model.parameters())}
     write("sampling_overhead", results, args.out)
