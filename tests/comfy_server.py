@@ -4,6 +4,7 @@ installed as a custom node and model folders given by an extra_model_paths.yaml;
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -58,6 +59,8 @@ class ComfyServer:
         if "--user-directory" in (self.root / "comfy" / "cli_args.py").read_text():
             args += ["--user-directory", str(self.work / "user"),
                      "--database-url", f"sqlite:///{self.work / 'user' / 'comfyui.db'}"]
+        if os.environ.get("ELLA_FRONTEND_ROOT"):  # a frontend build other than the host's own
+            args += ["--front-end-root", os.environ["ELLA_FRONTEND_ROOT"]]
         self.log = open(self.work / "server.log", "w")
         self.process = subprocess.Popen(args, cwd=self.work, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -127,8 +127,9 @@ function attach(node) {
   node.ellaCounter = counter;
   counters.add(counter);
   const text = widgetOf(node, "text");
+  // the canvas's textarea fires input events; the Vue nodes' textarea (newer frontends) calls the callback
   (text?.inputEl ?? text?.element)?.addEventListener("input", () => counter.schedule());
-  for (const name of ["token_length", "fixed_tokens"]) {
+  for (const name of ["text", "token_length", "fixed_tokens"]) {
     const widget = widgetOf(node, name);
     if (widget) chain(widget, "callback", () => counter.schedule());
   }
