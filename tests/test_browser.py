@@ -1,8 +1,9 @@
 """The web extension in a real headless Chromium against a real ComfyUI server on loopback.
 
 Each shipped workflow loads with no missing node types; typing into an ELLA prompt (real keystrokes)
-changes the token counter to the route's count; fixed mode over its length shows the warning style;
-a workflow saved after the counter appeared loads again and queues with the right widget values.
+changes the token counter to the route's count, on the canvas and on Vue nodes where the frontend has
+them; fixed mode over its length shows the warning style; a workflow saved after the counter appeared
+loads again and queues with the right widget values.
 Screenshots go to test-artifacts/. On the 2024-03 host this is the legacy frontend, on current
 ComfyUI the frontend of comfyui-frontend-package."""
 
