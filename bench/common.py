@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -65,7 +66,8 @@ def ella_sd15(unet, cfg, folder: Path = CONNECTOR_FOLDER):
     from ella_pack.nodes.apply import ApplyElla
     from ella_pack.nodes.loaders import LoadEllaModel
 
-    name = f"ella-bench-{cfg.width}-{cfg.num_blocks}-{cfg.input_dim}.safetensors"
+    fields = hashlib.sha1(repr(sorted(vars(cfg).items())).encode()).hexdigest()[:12]
+    name = f"ella-bench-{fields}.safetensors"  # one file per config: never a stale one of another shape
     if not (folder / name).exists():
         folder.mkdir(parents=True, exist_ok=True)
         save_connector(folder / f"{name}.part", cfg).rename(folder / name)  # never a half-written file
