@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +24,8 @@ SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
                  use_spatial_transformer=True, legacy=False, use_linear_in_transformer=False, adm_in_channels=None)
-CONNECTOR_FOLDER = Path(tempfile.gettempdir()) / "ella-bench"  # the bench's random connector files
+CONNECTOR_FOLDER = ROOT / "bench" / "results" / "connectors"  # the bench's random connector files
+CONNECTOR_SEED = 0
 TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
 
 
@@ -36,16 +37,20 @@ def host():
     return boot(root, cpu=not torch.cuda.is_available())
 
 
-def random_sd15(tiny: bool):
-    """A ComfyUI SD1.5 model (ModelPatcher) with variance-preserving random weights."""
+def random_sd15(tiny: bool, dtype: torch.dtype | None = None):
+    """A ComfyUI SD1.5 model (ModelPatcher) with variance-preserving random weights, stored and computing in
+    `dtype` if given, else in what ComfyUI picks for a real SD1.5 file on this device."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(dict(TINY_UNET if tiny else SD15_UNET))
     device = mm.get_torch_device()
-    dtype = mm.unet_dtype(model_params=860_000_000)  # what ComfyUI picks for a real SD1.5 file on this device
-    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device))
+    if dtype is None:
+        dtype = mm.unet_dtype(model_params=860_000_000)
+        config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device))
+    else:
+        config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -58,21 +63,30 @@ def random_sd15(tiny: bool):
                                             offload_device=mm.unet_offload_device())
 
 
+def compute_dtype(unet) -> torch.dtype:
+    """The dtype a ComfyUI model computes in (fp8 storage computes in its manual cast dtype)."""
+    return getattr(unet.model, "manual_cast_dtype", None) or unet.model.get_dtype()
+
+
 def ella_sd15(unet, cfg, folder: Path = CONNECTOR_FOLDER):
     """`unet` patched as a user's graph patches it: a random connector of `cfg` written to `folder`, read by
-    Load ELLA Model and applied by Apply ELLA (so it computes in the UNet's dtype, on the UNet's devices)."""
+    Load ELLA Model and applied by Apply ELLA (which gives it the UNet's compute dtype and devices)."""
     import folder_paths
     from connector_fixtures import save_connector
     from ella_pack.nodes.apply import ApplyElla
     from ella_pack.nodes.loaders import LoadEllaModel
 
-    fields = hashlib.sha1(repr(sorted(vars(cfg).items())).encode()).hexdigest()[:12]
-    name = f"ella-bench-{fields}.safetensors"  # one file per config: never a stale one of another shape
+    drawn = hashlib.sha1(repr((sorted(vars(cfg).items()), CONNECTOR_SEED)).encode()).hexdigest()[:12]
+    name = f"ella-bench-{drawn}.safetensors"  # one file per config and seed
     if not (folder / name).exists():
         folder.mkdir(parents=True, exist_ok=True)
-        save_connector(folder / f"{name}.part", cfg).rename(folder / name)  # never a half-written file
+        part = folder / f"{name}.{os.getpid()}.part"  # never a half-written file, whoever else writes one
+        save_connector(part, cfg, seed=CONNECTOR_SEED).rename(folder / name)
     folder_paths.add_model_folder_path("ella", str(folder))
-    return ApplyElla().apply(unet, LoadEllaModel().load(name)[0])[0]
+    handle = LoadEllaModel().load(name)[0]
+    if vars(handle.config) != vars(cfg):  # (the pack and the fixtures import the class under two names)
+        raise SystemExit(f"{folder / name} holds a connector of {handle.config}, not {cfg}; delete it.")
+    return ApplyElla().apply(unet, handle)[0]
 
 
 def _status_mib(key: str) -> float:

@@ -19,7 +19,7 @@ from common import machine
 
 def table(sampling: dict, t5: dict, memory: dict) -> str:
     m = sampling.get("machine") or machine()
-    dtypes = (f" UNet {sampling['unet_dtype']}, connector {sampling['connector_dtype']} (as Load ELLA Model gives it)."
+    dtypes = (f" UNet {sampling['unet_dtype']}, connector {sampling['connector_dtype']} (as Apply ELLA gives it)."
               if "connector_dtype" in sampling else "")  # figures from before it was recorded lack it
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.{dtypes}", "",
              "| size | batch | steps | CLIP-only s | ELLA s, new prompts | ratio | ELLA s, same prompts again | ratio | "
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> str:
         sampling, t5, memory = (json.loads((args.out / f"{name}.json").read_text())
                                 for name in ("sampling_overhead", "t5", "sampling_memory"))
     elif args.tiny:
+        # a bf16 UNet, so that a connector not given the UNet's dtype shows even on a CPU
         sampling = sampling_overhead.main(["--tiny", "--sizes", "64", "--batches", "1", "2", "--steps", "2",
-                                           "--reps", "1", *out])
+                                           "--reps", "1", "--unet-dtype", "bf16", *out])
         t5 = t5_loading.main(["--tiny", "--reps", "1", *out])
         memory = sampling_memory.main(["--tiny", *out])
     else:

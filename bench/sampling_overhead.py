@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import Stopwatch, ella_sd15, host, median, random_sd15, write
+from common import Stopwatch, compute_dtype, ella_sd15, host, median, random_sd15, write
 from connector_fixtures import RELEASED, TINY
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--unet-dtype", choices=sorted(DTYPES), help="store and compute the UNet in this dtype "
+                        "(default: what ComfyUI picks for SD1.5 on this device)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     import nodes
 
     cfg = TINY.__class__(**{**TINY.__dict__, "width": 768}) if args.tiny else RELEASED
-    unet = random_sd15(args.tiny)
+    unet = random_sd15(args.tiny, DTYPES.get(args.unet_dtype))
     ella_model = ella_sd15(unet, cfg)
     connector = ella_builder(ella_model).connector
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "connector_rows": counted["ella"][0], "connector_rows_repeat": counted["ella_repeat"][0],
                          "model_evaluations": counted["ella"][1], "distinct_prompts": 2})
     counter.remove()
-    results = {"sampling_overhead": rows, "tiny": args.tiny, "unet_dtype": str(unet.model.get_dtype()),
+    results = {"sampling_overhead": rows, "tiny": args.tiny, "unet_dtype": str(compute_dtype(unet)),
                "connector_dtype": str(connector.connector.latents.dtype), "connector_parameters": sum(
         p.numel() for p in connector.parameters()), "unet_parameters": sum(
         p.numel() for p in unet.model.diffusion_model.parameters())}

@@ -60,6 +60,8 @@ class ComfyServer:
             args += ["--user-directory", str(self.work / "user"),
                      "--database-url", f"sqlite:///{self.work / 'user' / 'comfyui.db'}"]
         if os.environ.get("ELLA_FRONTEND_ROOT"):  # a frontend build other than the host's own
+            if "--front-end-root" not in (self.root / "comfy" / "cli_args.py").read_text():
+                raise RuntimeError(f"ELLA_FRONTEND_ROOT is set, but the ComfyUI at {self.root} has no --front-end-root")
             args += ["--front-end-root", os.environ["ELLA_FRONTEND_ROOT"]]
         self.log = open(self.work / "server.log", "w")
         self.process = subprocess.Popen(args, cwd=self.work, stdout=self.log, stderr=subprocess.STDOUT)

@@ -18,8 +18,8 @@ def test_bench_scripts_run_on_tiny_models(tmp_path):
     assert "| T5 encode |" in (tmp_path / "latest.md").read_text()
     sampling = json.loads((tmp_path / "sampling_overhead.json").read_text())
     assert sampling["machine"]["torch"] and sampling["command"]
-    # the connector came through Load ELLA Model and Apply ELLA: it computes in the UNet's dtype
-    assert sampling["connector_dtype"] == sampling["unet_dtype"]
+    # the connector came through Load ELLA Model and Apply ELLA: it computes in the (bf16) UNet's dtype
+    assert sampling["connector_dtype"] == sampling["unet_dtype"] == "torch.bfloat16"
     for row in sampling["sampling_overhead"]:
         # distinct prompts x model evaluations, however many batch rows
         assert row["connector_rows"] == row["distinct_prompts"] * row["model_evaluations"] > 0

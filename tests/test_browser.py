@@ -298,7 +298,10 @@ def test_typing_is_debounced(server, page):  # noqa: F811
 
 
 VUE_NODES = "Comfy.VueNodes.Enabled"
-SET_SETTING = "const [id, value, done] = arguments; app.extensionManager.setting.set(id, value).then(() => done(true));"
+SET_SETTING = """
+const [id, value, done] = arguments;
+app.extensionManager.setting.set(id, value).then(() => done(true), (e) => done(String(e)));
+"""
 VUE_TEXT_BOX = """
 return document.querySelector(`[data-node-id="${arguments[0]}"] textarea`);
 """
@@ -309,9 +312,10 @@ def test_vue_nodes_typing_updates_the_counter(server, page, frontend):  # noqa: 
     reports typing through the widget's callback rather than the canvas textarea's input events."""
     from selenium.webdriver.common.keys import Keys
 
-    if page.execute_script(f"return app.extensionManager?.setting?.get?.('{VUE_NODES}') ?? null") is None:
+    before = page.execute_script(f"return app.extensionManager?.setting?.get?.('{VUE_NODES}') ?? null")
+    if before is None:
         pytest.skip(f"{frontend} has no Vue nodes mode")
-    page.execute_async_script(SET_SETTING, VUE_NODES, True)
+    assert page.execute_async_script(SET_SETTING, VUE_NODES, True) is True
     try:
         page.refresh()
         wait_for_app(page)
@@ -328,12 +332,12 @@ def test_vue_nodes_typing_updates_the_counter(server, page, frontend):  # noqa: 
         after = wait_for_label(page, node["id"], expected_label(
             route_count(server, text + " A small green dragon sleeps on the roof.", "flexible", 128)))
         version = tuple(int(v) for v in frontend.removeprefix("frontend-").split(".")[:2])
-        if version > (1, 27):  # 1.27.10 draws no extension DOM widgets on Vue nodes (checked); 1.58.1 does
+        if version >= (1, 58):  # 1.27.10 draws no extension DOM widgets on Vue nodes; 1.58.1 does (both checked)
             assert after["shown"] and page.execute_script(
                 f"return !!document.querySelector('[data-node-id=\"{node['id']}\"] .ella-token-count')")
         screenshot(page, frontend, "vue-nodes")
     finally:
-        page.execute_async_script(SET_SETTING, VUE_NODES, False)
+        page.execute_async_script(SET_SETTING, VUE_NODES, before)
         page.refresh()
         wait_for_app(page)
 

@@ -126,9 +126,7 @@ function attach(node) {
   const counter = new Counter(node);
   node.ellaCounter = counter;
   counters.add(counter);
-  const text = widgetOf(node, "text");
-  // the canvas's textarea fires input events; the Vue nodes' textarea (newer frontends) calls the callback
-  (text?.inputEl ?? text?.element)?.addEventListener("input", () => counter.schedule());
+  // every frontend's prompt textarea (canvas or Vue node) reports typing through the widget's callback
   for (const name of ["text", "token_length", "fixed_tokens"]) {
     const widget = widgetOf(node, name);
     if (widget) chain(widget, "callback", () => counter.schedule());
