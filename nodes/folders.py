@@ -17,8 +17,9 @@ _T5_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json
 
 
 def register_folders() -> None:
-    """Add `models/ella` and `models/ella_encoder`, keeping entries extra_model_paths.yaml already added."""
-    for name in (ELLA_FOLDER, OFFICIAL_T5_FOLDER):
+    """Add `models/ella`, `models/ella_encoder` and `models/text_encoders` (which the 2024-03 host lacks),
+    keeping entries extra_model_paths.yaml already added."""
+    for name in (ELLA_FOLDER, OFFICIAL_T5_FOLDER, "text_encoders"):
         default = os.path.join(folder_paths.models_dir, name)
         paths, extensions = folder_paths.folder_names_and_paths.get(name, ([], set()))
         if default not in paths:

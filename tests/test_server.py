@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +45,10 @@ def server(tmp_path_factory):
         tiny_sd.save_tiny_controlnet(folders["controlnet"] / CONTROLNET)
     save_connector(folders["ella"] / ELLA_FILE, ConnectorConfig(width=768, num_latents=64, num_blocks=2, input_dim=32))
     shutil.copy(folders["checkpoints"] / CHECKPOINT, folders["ella"] / "not-an-ella-model.safetensors")
-    authors = make_t5_folder(work / "t5", "authors")
-    shutil.move(str(authors), folders["clip"] / T5_NAME)
     srv = ComfyServer(HOST, work, folders)
+    # exactly where the README, the missing-files list and the workflow notes tell users to put it
+    (srv.models / "text_encoders").mkdir(parents=True, exist_ok=True)
+    shutil.move(str(make_t5_folder(work / "t5", "authors")), t5_folder(srv))
     srv.input_dir.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     for name in ("example.png", "ella_control_hint.png"):
@@ -55,6 +57,11 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
+
+
+def t5_folder(srv: ComfyServer) -> Path:
+    """The released T5 folder in the server's own models/text_encoders."""
+    return srv.models / "text_encoders" / T5_NAME
 
 
 @pytest.fixture(scope="module")

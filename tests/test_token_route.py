@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from comfy_host import ROOT
 from t5_fixtures import real_tokenizer_json
-from test_server import HOST, T5_NAME, server  # noqa: F401  (the module's real server)
+from test_server import HOST, T5_NAME, server, t5_folder  # noqa: F401  (the module's real server)
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ella.t5_tokenizer import load_t5_tokenizer
@@ -32,7 +32,7 @@ TEXTS = ["", "a cat", "Zwei rote Äpfel 🍎 und ein grüner Birnen-Stillleben, 
 def t5s(server):  # noqa: F811
     """Extra T5 entries in the server's clip folder (the list is read anew on each request)."""
     clip = server.work / "models" / "clip"
-    weights = next((clip / T5_NAME).glob("*.safetensors")).read_bytes()
+    weights = next(t5_folder(server).glob("*.safetensors")).read_bytes()
     words = clip / WORDS_T5
     words.mkdir()
     (words / "config.json").write_text("{}")
@@ -90,7 +90,7 @@ def test_fixed_count_is_what_the_encode_node_feeds_t5(t5s):
     text = " ".join([LONG, LONG])  # well over 128 tokens
     status, reply = count(t5s, text=text, t5_name=T5_NAME, max_length=128)
     assert status == 200, reply
-    fed = load_t5_tokenizer(t5s.work / "models" / "clip" / T5_NAME).tokenize(text, 128)
+    fed = load_t5_tokenizer(t5_folder(t5s)).tokenize(text, 128)
     assert reply["tokens"] == fed.token_counts[0] == real_count(text) > 128
     assert reply["limit"] == 128 and reply["mode"] == "fixed"
     assert reply["cut"] == reply["tokens"] - int(fed.mask[0].sum())
@@ -103,7 +103,7 @@ def test_weighting_markup_is_not_counted(t5s):
     status, reply = count(t5s, text=text, t5_name=T5_NAME)
     assert status == 200, reply
     assert reply["tokens"] == real_count("a red dress on a wooden chair (new)") < real_count(text)
-    fed = load_t5_tokenizer(t5s.work / "models" / "clip" / T5_NAME).tokenize(text, weighted=True)
+    fed = load_t5_tokenizer(t5_folder(t5s)).tokenize(text, weighted=True)
     assert reply["tokens"] == fed.token_counts[0]  # what ELLA Text Encode feeds T5
 
 
