@@ -126,4 +126,4 @@ def test_serve_stops_waiting_when_the_server_dies_and_shows_its_log(tmp_path):
         done = serve("--comfyui", comfyui, "--check", "--port", busy.getsockname()[1], timeout=170)
     assert done.returncode == 1
     assert "ComfyUI exited before it answered. The end of its log" in done.stderr
-    assert "address already in use" in done.stderr.lower(), done.stderr[-2000:]
+    assert "already in use" in done.stderr.lower(), done.stderr[-2000:]  # the host's own words, from its log
