@@ -332,7 +332,7 @@ def test_vue_nodes_typing_updates_the_counter(server, page, frontend):  # noqa: 
         after = wait_for_label(page, node["id"], expected_label(
             route_count(server, text + " A small green dragon sleeps on the roof.", "flexible", 128)))
         version = tuple(int(v) for v in frontend.removeprefix("frontend-").split(".")[:2])
-        if version >= (1, 58):  # 1.27.10 draws no extension DOM widgets on Vue nodes; 1.58.1 does (both checked)
+        if version >= (1, 49):  # 1.27.10 draws no extension DOM widgets on Vue nodes; 1.49.6 and 1.58.1 do (checked)
             assert after["shown"] and page.execute_script(
                 f"return !!document.querySelector('[data-node-id=\"{node['id']}\"] .ella-token-count')")
         screenshot(page, frontend, "vue-nodes")
