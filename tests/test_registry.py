@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 
+import tomllib
 from comfy_host import ROOT
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version

@@ -5,7 +5,6 @@ which files to put where."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from comfy_host import ROOT, comfyui_root, embedded_root
-from comfy_server import free_port
+from comfy_server import copy_host, free_port
 
 SCRIPT = ROOT / "scripts"
 HOST = comfyui_root()
@@ -33,8 +32,7 @@ def listening(port: int) -> bool:
 
 def user_comfyui(tmp_path: Path) -> Path:
     """A copy of the host under test laid out as users have it: ComfyUI/ with its own venv/ inside."""
-    comfyui = tmp_path / "ComfyUI"
-    shutil.copytree(HOST, comfyui, symlinks=True, ignore=shutil.ignore_patterns("extra_model_paths.yaml"))
+    comfyui = copy_host(HOST, tmp_path / "ComfyUI")
     python = comfyui / "venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
