@@ -342,3 +342,85 @@ def test_a_lone_surrogate_in_a_prompt_is_a_clear_error(t5):
         t5.encode(["ok", "\udfff"])
     with pytest.raises(ella.EllaError, match="surrogate"):
         t5.tokenizer.count("a \ud800 b")
+
+
+@needs_host
+def test_the_t5_loader_node_refuses_an_index_entry_leading_out_of_its_listed_folder(folders):
+    from ella_pack.ella import EllaLoadError
+    pack, base = folders
+    folder = make_t5_folder(base / "t5_encoders" / "sharded-out", "hf_sharded")
+    escaped = base / "escaped-shards"  # inside the test's models/, outside the listed text encoder folder
+    escaped.mkdir(exist_ok=True)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[0]
+    (folder / shard).rename(escaped / shard)
+    entry = os.path.relpath(escaped / shard, folder)
+    data["weight_map"] = {k: (entry if v == shard else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    name = folder.relative_to(base / "t5_encoders").as_posix()
+    assert name in pack.nodes.folders.t5_choices()  # physically inside: listed
+    with recorded_opens() as opened:
+        with pytest.raises(EllaLoadError, match=f"weight_map: {entry}.*outside the model folder"):
+            pack.nodes.loaders.LoadT5Encoder().load(name, "auto")
+    assert outside(opened, base / "t5_encoders") == []
+
+
+@needs_host
+def test_the_token_counter_reads_a_failed_tokenizer_once_and_refuses_huge_ones(folders, tmp_path):
+    from ella_pack.ella import EllaLoadError
+    pack, _ = folders
+    cached = pack.nodes.token_count._cached
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text("{ not a tokenizer")
+    with recorded_opens() as opened:
+        for _ in range(3):
+            with pytest.raises(EllaLoadError, match="tokenizer.json"):
+                cached(broken)
+    assert opened.count(broken.resolve()) == 1  # failures are cached by path, mtime and size like successes
+    huge = tmp_path / "huge" / "tokenizer.json"
+    huge.parent.mkdir()
+    with open(huge, "wb") as f:
+        f.truncate(200 * 2**20)  # sparse: 200 MiB on paper
+    with recorded_opens() as opened:
+        with pytest.raises(EllaLoadError, match="200 MiB, too large for a T5 tokenizer"):
+            cached(huge)
+    assert huge.resolve() not in opened
+
+
+@needs_host
+def test_interrupt_is_honoured_between_t5_blocks(folders):
+    import comfy.model_management as mm
+    pack, _ = folders
+    name = next(iter(n for n in pack.nodes.folders.t5_choices() if n.endswith("flan-t5-tiny")))
+    t5 = pack.nodes.loaders.LoadT5Encoder().load(name, "auto")[0]
+    blocks = t5.encoder.model.encoder.block
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    first = blocks[0].register_forward_hook(lambda *_: mm.interrupt_current_processing(True))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            t5.prompt("interrupted inside the encode", None)
+    finally:
+        first.remove()
+        mm.interrupt_current_processing(False)
+    assert ran == [0]  # stopped before the second block
+    for hook in hooks:
+        hook.remove()
+    assert t5.prompt("interrupted inside the encode", None).features.shape[1] > 0
+
+
+@needs_host
+def test_non_finite_connector_output_never_reaches_the_unet(folders, tmp_path):
+    from ella_pack.ella import EllaError
+    pack, _ = folders
+    state = __import__("connector_fixtures").random_connector_state(TINY)
+    state["connector.latents"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path))
+    builder = pack.nodes.context.ContextBuilder(ella.load_connector(path))
+    prompt = pack.nodes.payload.EllaPrompt(torch.randn(1, 5, TINY.input_dim), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(EllaError, match="non-finite.*ELLA model file holds inf/NaN weights"):
+        builder.ella_tokens([prompt], torch.tensor([999.0]))
+    clean = pack.nodes.context.ContextBuilder(ella.load_connector(save_connector(tmp_path / "ok.safetensors")))
+    assert torch.isfinite(clean.ella_tokens([prompt], torch.tensor([999.0]))).all()
