@@ -14,8 +14,8 @@ import pytest
 import torch
 from comfy_host import boot, comfyui_root
 from connector_fixtures import TINY, save_connector
-from safetensors.torch import save_file
 from open_audit import outside, recorded_opens
+from safetensors.torch import save_file
 from t5_fixtures import REVISION, make_t5_folder, real_tokenizer_json
 
 import ella
@@ -174,6 +174,15 @@ def test_fenced_passes_keyboard_interrupt_and_converts_every_other_failure(tmp_p
                 raise failure
     with pytest.raises(KeyboardInterrupt), fenced(tmp_path / "x.json", "a file"):
         raise KeyboardInterrupt
+
+
+def test_a_safetensors_header_nested_too_deep_is_a_clear_load_error(tmp_path):
+    header = b"[" * 100_000 + b"]" * 100_000
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    for load in (ella.load_connector, ella.load_t5):
+        with pytest.raises(ella.EllaLoadError, match="deep.safetensors: not a safetensors file"):
+            load(path, tokenizer=real_tokenizer_json()) if load is ella.load_t5 else load(path)
 
 
 def test_a_config_json_that_breaks_the_json_parser_is_a_clear_load_error(tmp_path):
