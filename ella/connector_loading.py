@@ -14,6 +14,11 @@ from .safetensors_io import TensorInfo, load_tensors, read_header
 
 EXPECTED = "an ELLA connector such as ella-sd1.5-tsc-t5xl.safetensors (keys time_embedding.* and connector.*)"
 _BLOCK = re.compile(r"connector\.perceiver_blocks\.(\d+)\.")
+_FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")
+# far above ELLA-SD1.5 (64 latents of width 768, 6 blocks, T5 width 2048, 320 time channels), far below
+# what a sampler could afford: each output token is attended by every UNet cross-attention layer
+LIMITS = {"num_latents": 1024, "width": 8192, "num_blocks": 64, "input_dim": 16384, "time_channels": 8192,
+          "time_embed_dim": 8192, "output_dim": 8192}
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], heads: int = 8) -> ConnectorConfig:
@@ -44,6 +49,7 @@ def load_connector(
     """Load an ELLA connector from a .safetensors file; every key must be used and none missing."""
     path = Path(path)
     infos = read_header(path, expected=EXPECTED)
+    _check_dtypes(path, infos)
     cfg = _config_or_explain(path, infos, heads)
     expected_shapes = _expected_shapes(cfg)
     _check_keys(path, infos, expected_shapes)
@@ -60,10 +66,23 @@ def _config_or_explain(path: Path, infos: dict[str, TensorInfo], heads: int) -> 
         cfg = config_from_shapes({k: v.shape for k, v in infos.items()}, heads)
     except (KeyError, ValueError):
         raise EllaLoadError(_mismatch_message(path, infos, _expected_shapes(ConnectorConfig(heads=heads)))) from None
-    if cfg.num_blocks == 0 or cfg.width % heads:
+    sizes = {name: getattr(cfg, name) for name in LIMITS if getattr(cfg, name) is not None}
+    bad = [f"{name} {value} (expected 1 to {LIMITS[name]})" for name, value in sizes.items()
+           if not 1 <= value <= LIMITS[name]]
+    if bad:
+        raise EllaLoadError(f"{path}: connector sizes out of range: {'; '.join(bad)}. Expected {EXPECTED} "
+                            "(64 latents of width 768).")
+    if cfg.width % heads:
         raise EllaLoadError(f"{path}: connector width {cfg.width} with {cfg.num_blocks} blocks cannot use {heads} "
                             f"heads; expected {EXPECTED}.")
     return cfg
+
+
+def _check_dtypes(path: Path, infos: dict[str, TensorInfo]) -> None:
+    bad = sorted(f"{k} ({v.dtype})" for k, v in infos.items() if v.dtype not in _FLOAT_STORAGE)
+    if bad:
+        raise EllaLoadError(f"{path}: {len(bad)} tensor(s) not stored as floating point, e.g. {', '.join(bad[:3])}; "
+                            f"expected F32, F16 or BF16 weights of {EXPECTED}.")
 
 
 def _expected_shapes(cfg: ConnectorConfig) -> dict[str, tuple[int, ...]]:

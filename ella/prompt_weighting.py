@@ -4,7 +4,8 @@
 way), `\\(` and `\\)` are literal brackets. T5 reads the text without markup; the weights reach the
 connector as log(w) on its attention logits (see `token_bias`). Malformed markup never fails: brackets
 without a partner stay as text, weights that are not numbers stay as text, negative or huge weights are
-clamped, and each repair is reported in `warnings`.
+clamped (nested bare brackets too: 1.1 per level stops at MAX_WEIGHT), and each repair is reported in
+`warnings`. Parsing is iterative and linear in the text: no nesting depth reaches a recursion limit.
 """
 
 from __future__ import annotations
@@ -45,9 +46,7 @@ def parse_weighted(text: str) -> WeightedText:
     """Parse ComfyUI weighting markup; never raises for any string."""
     warnings: list[str] = []
     pairs = _matching_brackets(text, warnings)
-    chars: list[str] = []
-    weights: list[float] = []
-    _emit(text, 0, len(text), 1.0, pairs, chars, weights, warnings)
+    chars, weights = _emit(text, pairs, warnings)
     return WeightedText("".join(chars), tuple(weights), tuple(warnings))
 
 
@@ -96,25 +95,37 @@ def _matching_brackets(text: str, warnings: list[str]) -> dict[int, int]:
     return pairs
 
 
-def _emit(text: str, start: int, end: int, weight: float, pairs: dict[int, int],
-          chars: list[str], weights: list[float], warnings: list[str]) -> None:
-    """Append the clean characters of text[start:end] at `weight`, descending into bracket groups."""
-    i = start
-    while i < end:
-        char = text[i]
-        if char == "\\" and i + 1 < end and text[i + 1] in "()":
-            chars.append(text[i + 1])
-            weights.append(weight)
-            i += 2
-        elif char == "(" and i in pairs:
-            close = pairs[i]
-            inner_end, group_weight = _group_weight(text, i + 1, close, weight, pairs, warnings)
-            _emit(text, i + 1, inner_end, group_weight, pairs, chars, weights, warnings)
-            i = close + 1
-        else:
-            chars.append(char)
-            weights.append(weight)
-            i += 1
+def _emit(text: str, pairs: dict[int, int], warnings: list[str]) -> tuple[list[str], list[float]]:
+    """The clean characters of `text` and their weights, descending into bracket groups with an explicit
+    stack of (start, end, weight) segments still to emit (no recursion)."""
+    chars: list[str] = []
+    weights: list[float] = []
+    capped = False
+    stack = [(0, len(text), 1.0)]
+    while stack:
+        i, end, weight = stack.pop()
+        while i < end:
+            char = text[i]
+            if char == "\\" and i + 1 < end and text[i + 1] in "()":
+                chars.append(text[i + 1])
+                weights.append(weight)
+                i += 2
+            elif char == "(" and i in pairs:
+                close = pairs[i]
+                inner_end, group_weight = _group_weight(text, i + 1, close, weight, pairs, warnings)
+                if group_weight > MAX_WEIGHT:
+                    group_weight, capped = MAX_WEIGHT, True
+                stack.append((close + 1, end, weight))  # the rest of this segment, after the group
+                stack.append((i + 1, inner_end, group_weight))
+                break
+            else:
+                chars.append(char)
+                weights.append(weight)
+                i += 1
+    if capped:
+        warnings.append(f"nested brackets raise the weight above {_short(MAX_WEIGHT)} (1.1 per level); "
+                        f"used {_short(MAX_WEIGHT)}")
+    return chars, weights
 
 
 def _group_weight(text: str, start: int, end: int, outer: float, pairs: dict[int, int],

@@ -59,7 +59,7 @@ def read_header(path: str | os.PathLike, *, expected: str = "a safetensors file"
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise EllaLoadError(f"{path}: not a safetensors file (bad header: {e}); expected {expected}.") from None
     header.pop("__metadata__", None)
     data_bytes = size - 8 - header_len

@@ -13,16 +13,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import T5Config, T5EncoderModel
 
-from .errors import EllaError, EllaLoadError
+from .containment import Roots, default_roots
+from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
-from .t5_files import WeightFiles, find_tokenizer, find_weights
+from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
 from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
 
 __all__ = [
@@ -37,6 +38,9 @@ _PROBE = "block.0.layer.0.SelfAttention.q.weight"
 _EMBED = "shared.weight"
 _TIED = "encoder.embed_tokens.weight"
 _IGNORED = ("decoder.", "lm_head.")
+_FLOAT_STORAGE = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_CHECKED_FIELDS = ("num_layers", "d_model", "num_heads", "d_kv", "d_ff", "vocab_size",
+                   "relative_attention_num_buckets", "is_gated_act")
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -104,15 +108,22 @@ class T5Encoder(torch.nn.Module):
         return self.tokenizer.tokenize(texts, max_length, weighted)
 
     def encode(self, texts: str | Sequence[str], max_length: int | None = None,
-               weighted: bool = False) -> EncodedPrompts:
+               weighted: bool = False, interrupt: Callable[[], None] | None = None) -> EncodedPrompts:
         """Encode prompts: flexible mode (max_length None) or fixed mode (pad/truncate to max_length).
         weighted=True reads ComfyUI weighting markup, `(red dress:1.3)`: T5 sees the text without it and
-        `connector_mask` carries each token's weight."""
+        `connector_mask` carries each token's weight. `interrupt` is called before each encoder block;
+        whatever it raises stops the encode (a host's interrupt check)."""
         tokens = self.tokenize(texts, max_length, weighted)
         device = self.model.shared.weight.device  # where the inputs are read, whatever moved the weights
         mask = tokens.mask.to(device)
-        with torch.no_grad():
-            out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask.long())
+        hooks = [] if interrupt is None else [
+            block.register_forward_pre_hook(lambda *_: interrupt()) for block in self.model.encoder.block]
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask.long())
+        finally:
+            for hook in hooks:
+                hook.remove()
         features = out.last_hidden_state
         self._check_finite(features)
         return EncodedPrompts(features, mask, tokens.token_counts, tokens.truncated, tokens.fixed_length,
@@ -146,16 +157,23 @@ def load_t5(
     tokenizer: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    roots: Roots | None = None,
 ) -> T5Encoder:
-    """Load a T5 encoder (e.g. FLAN-T5-XL) and its tokenizer from a folder, HF cache folder or single file."""
+    """Load a T5 encoder (e.g. FLAN-T5-XL) and its tokenizer from a folder, HF cache folder or single file.
+    Every file opened must lie inside `roots` (default: the folder of `path`, the places a tokenizer is
+    looked for beside it, and the folder of `tokenizer`); the config
+    is checked against the weights' headers before any module is built."""
     start = time.perf_counter()
     device = _device(device)
     dtype = resolve_dtype(dtype, device)
-    weights = find_weights(path)
+    weights = find_weights(path, roots)
     sources = _collect_sources(weights)
-    tok = read_tokenizer_file(find_tokenizer(tokenizer, weights))
-    config = _read_config(weights.config) if weights.config else infer_t5_config(
-        {name: src.info.shape for name, src in sources.items()}, label=weights.label)
+    tok = read_tokenizer_file(find_tokenizer(tokenizer, weights, roots))
+    inferred = infer_t5_config({name: src.info.shape for name, src in sources.items()}, label=weights.label)
+    config = inferred
+    if weights.config:
+        config = _read_config(weights.config, default_roots(path) if roots is None else roots)
+        _check_config(weights.config, config, inferred, weights.label)
     with torch.device("meta"):
         model = T5EncoderModel(_encoder_config(config))
     _check_keys(weights.label, sources, model)
@@ -197,6 +215,9 @@ def _collect_sources(weights: WeightFiles) -> dict[str, _Source]:
         for key, info in header.items():
             name = _canonical(key, *root)
             if name is not None:
+                if info.dtype not in _FLOAT_STORAGE:
+                    raise EllaLoadError(f"{file}: tensor {key!r} is stored as {info.dtype}; expected floating-point "
+                                        f"weights (F32, F16, BF16 or F8) of {EXPECTED}.")
                 sources.setdefault(name, _Source(file, key, info))
     if _EMBED not in sources and _TIED in sources:
         sources[_EMBED] = sources[_TIED]
@@ -240,13 +261,18 @@ def infer_t5_config(shapes: dict[str, tuple[int, ...]], *, label: Path | str = "
     missing = [k for k in need if k not in shapes]
     if missing:
         raise _key_error(label, missing, [], None)
+    if len(shapes[_EMBED]) != 2 or len(shapes[need[2]]) != 2 or len(shapes[need[1]]) != 2:
+        raise EllaLoadError(f"{label}: {_EMBED}, {need[1]} and {need[2]} must be matrices; expected {EXPECTED}.")
     vocab, d_model = shapes[_EMBED]
     buckets, heads = shapes[need[2]]
     inner = shapes[need[1]][0]
+    if min(vocab, d_model, buckets, heads, inner) < 1 or inner % heads:
+        raise EllaLoadError(f"{label}: tensor shapes {list(shapes[_EMBED])}, {list(shapes[need[2]])}, "
+                            f"{list(shapes[need[1]])} do not describe a T5 encoder; expected {EXPECTED}.")
     ff = "encoder.block.0.layer.1.DenseReluDense."
     gated = ff + "wi_0.weight" in shapes
     d_ff_key = ff + ("wi_0.weight" if gated else "wi.weight")
-    if d_ff_key not in shapes:
+    if d_ff_key not in shapes or not shapes[d_ff_key]:
         raise _key_error(label, [d_ff_key], [], None)
     layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.") and k.split(".")[2].isdigit())
     return T5Config(
@@ -256,20 +282,26 @@ def infer_t5_config(shapes: dict[str, tuple[int, ...]], *, label: Path | str = "
     )
 
 
-def _read_config(path: Path) -> T5Config:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+def _read_config(path: Path, roots: Roots) -> T5Config:
+    with fenced(path, "config.json (download it again)"):
+        data = json.loads(read_small_text(path, roots, "config.json"))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise EllaLoadError(f"{path}: cannot read config.json ({e}); download it again.") from None
     model_type = data.get("model_type", "t5")
     if model_type not in ("t5", "mt5"):
         raise EllaLoadError(f"{path}: config.json describes a {model_type!r} model; expected {EXPECTED}.")
-    try:
+    with fenced(path, "config.json as a T5 config"):
         return T5Config.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise EllaLoadError(f"{path}: config.json is not a valid T5 config ({e}).") from None
+
+
+def _check_config(path: Path, config: T5Config, inferred: T5Config, label: Path) -> None:
+    """config.json must describe the weights' own shapes (read from their headers) before anything is built:
+    a config asking for more layers, wider layers or another vocabulary than the weights hold is refused."""
+    wrong = [f"{f} {getattr(config, f, None)!r} (the weights have {getattr(inferred, f)!r})"
+             for f in _CHECKED_FIELDS if getattr(config, f, None) != getattr(inferred, f)]
+    if wrong:
+        raise EllaLoadError(f"{path}: config.json does not match the weights {label}: {'; '.join(wrong)}. "
+                            "The config.json and the weights belong to different models; download them together.")
 
 
 def _encoder_config(config: T5Config) -> T5Config:

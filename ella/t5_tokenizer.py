@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import EllaError, EllaLoadError
+from .containment import Roots, contained, default_roots
+from .errors import EllaError, EllaLoadError, fenced
 from .prompt_weighting import parse_weighted, token_weights
 from .t5_files import find_tokenizer, find_weights
 
 log = logging.getLogger("ELLA")
 
 T5_MAX_TOKENS = 512
+_MAX_WARNINGS = 5  # markup repairs logged per prompt
+MAX_TOKENIZER_BYTES = 32 * 1024 * 1024  # a real T5 tokenizer.json is 2.4 MB, spiece.model 0.8 MB
 
 
 @dataclass
@@ -57,10 +60,15 @@ class T5PromptTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens."""
-        return [ids for ids, _ in self._encode_batch(list(texts))]
+        return [ids for ids, _ in self._encoded(prompt_list(list(texts)))]
+
+    def _encoded(self, texts: list[str]) -> list[Encoded]:
+        with fenced(self.path, "the tokenizer: it failed while tokenizing, the file may be damaged"):
+            return self._encode_batch(texts)
 
     def count(self, text: str, weighted: bool = False) -> int:
         """T5 tokens of one prompt, EOS included, before any truncation (markup removed if weighted)."""
+        text = prompt_list(text)[0]
         return len(self.encode([parse_weighted(text).text if weighted else text])[0]) + 1
 
     def tokenize(self, texts: str | Sequence[str], max_length: int | None = None,
@@ -71,10 +79,13 @@ class T5PromptTokenizer:
         limit = check_max_length(max_length) or T5_MAX_TOKENS
         parsed = [parse_weighted(t) for t in texts] if weighted else None
         for i, p in enumerate(parsed or []):
-            for warning in p.warnings:
+            for warning in p.warnings[:_MAX_WARNINGS]:
                 log.warning("ELLA: prompt %d: %s.", i + 1, warning)
+            if len(p.warnings) > _MAX_WARNINGS:
+                log.warning("ELLA: prompt %d: %d more markup repairs like these.", i + 1,
+                            len(p.warnings) - _MAX_WARNINGS)
         rows, row_weights, counts = [], [], []
-        encoded = self._encode_batch([p.text for p in parsed] if parsed else texts)
+        encoded = self._encoded([p.text for p in parsed] if parsed else texts)
         for i, (ids, offsets) in enumerate(encoded):
             weights = token_weights(parsed[i], offsets) if parsed and not parsed[i].plain else [1.0] * len(ids)
             ids, weights = [*ids, self.eos_id], [*weights, 1.0]
@@ -98,16 +109,25 @@ class T5PromptTokenizer:
 
 
 def prompt_list(texts: str | Sequence[str]) -> list[str]:
-    """One prompt or a list of prompts, checked, as a list."""
-    if isinstance(texts, str):
-        return [texts]
-    texts = list(texts)
+    """One prompt or a list of prompts, checked (strings of valid Unicode), as a list."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise EllaError("No prompt given: pass a string or a non-empty list of strings.")
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
     if bad:
         raise EllaError(f"Prompts must be strings; got {', '.join(sorted(set(bad)))}.")
+    for i, text in enumerate(texts):
+        check_encodable(text, f"prompt {i + 1}" if len(texts) > 1 else "the prompt")
     return texts
+
+
+def check_encodable(text: str, name: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as '\\ud800'), naming where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EllaError(f"{name}: character {e.start + 1} ({text[e.start]!r}) is half of a surrogate pair, "
+                        "not a character; expected valid Unicode text.") from None
 
 
 def check_max_length(max_length: int | None) -> int | None:
@@ -129,16 +149,18 @@ def _log_truncation(index: int, total: int, count: int, limit: int) -> None:
         log.info("ELLA: %s has %d T5 tokens; fixed length %d drops the last %d.", which, count, limit, dropped)
 
 
-def load_t5_tokenizer(path: str | os.PathLike) -> T5PromptTokenizer:
-    """Load a tokenizer from a tokenizer.json / spiece.model file, a folder holding one, or a T5 model path."""
+def load_t5_tokenizer(path: str | os.PathLike, roots: Roots | None = None) -> T5PromptTokenizer:
+    """Load a tokenizer from a tokenizer.json / spiece.model file, a folder holding one, or a T5 model path;
+    every file read lies inside `roots` (default: the path's folder)."""
     path = Path(path).expanduser()
+    roots = default_roots(path) if roots is None else roots
     if path.is_file() and _is_tokenizer_file(path):
-        return read_tokenizer_file(path)
+        return read_tokenizer_file(contained(path, roots))
     try:
-        weights = find_weights(path)
+        weights = find_weights(path, roots)
     except EllaLoadError:
-        return read_tokenizer_file(find_tokenizer(path, None))  # a tokenizer-only folder, or a clear error
-    return read_tokenizer_file(find_tokenizer(None, weights))
+        return read_tokenizer_file(find_tokenizer(path, None, roots))  # a tokenizer-only folder, or a clear error
+    return read_tokenizer_file(find_tokenizer(None, weights, roots))
 
 
 def _is_tokenizer_file(path: Path) -> bool:
@@ -155,30 +177,44 @@ def read_tokenizer_file(path: Path) -> T5PromptTokenizer:
     raise EllaLoadError(f"{path}: not a tokenizer file; expected tokenizer.json or spiece.model of a T5 model.")
 
 
+def _read_capped(path: Path, what: str) -> bytes:
+    """The bytes of a tokenizer file, refused unread when it is larger than any T5 tokenizer."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise EllaLoadError(f"{path}: {size / 2**20:.0f} MiB, too large for a T5 tokenizer (tokenizer.json is "
+                                f"2.4 MB; files over {MAX_TOKENIZER_BYTES // 2**20} MiB are not read).")
+        with open(path, "rb") as f:
+            return f.read(MAX_TOKENIZER_BYTES + 1)[:MAX_TOKENIZER_BYTES]
+    except OSError as e:
+        raise EllaLoadError(f"{path}: cannot read {what} ({e.strerror or e}).") from None
+
+
 def _read_tokenizer_json(path: Path) -> T5PromptTokenizer:
     from tokenizers import Tokenizer
 
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
-        raise EllaLoadError(f"{path}: cannot read tokenizer ({e}); expected tokenizer.json of a T5 model.") from None
-    tok.no_truncation()
-    tok.no_padding()
+    what = "the file as tokenizer.json of a T5 model"
+    data = _read_capped(path, what)  # read here (not by the library) so the size and the open are ours
+    with fenced(path, what):
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+        tok.no_truncation()
+        tok.no_padding()
 
     def encode_batch(texts: list[str]) -> list[Encoded]:
         return [(e.ids, list(e.offsets)) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
-    return _checked(path, encode_batch, tok.token_to_id("</s>"), tok.token_to_id("<pad>"),
-                    tok.get_vocab_size(with_added_tokens=True))
+    with fenced(path, what):
+        special = tok.token_to_id("</s>"), tok.token_to_id("<pad>"), tok.get_vocab_size(with_added_tokens=True)
+    return _checked(path, encode_batch, *special)
 
 
 def _read_spiece(path: Path) -> T5PromptTokenizer:
     import sentencepiece
 
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad files
-        raise EllaLoadError(f"{path}: cannot read SentencePiece model ({e}); expected spiece.model of a T5 model.") from None
+    what = "the file as spiece.model (SentencePiece) of a T5 model"
+    data = _read_capped(path, what)
+    with fenced(path, what):
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
 
     def piece_id(piece: str) -> int | None:
         i = sp.piece_to_id(piece)
@@ -187,7 +223,9 @@ def _read_spiece(path: Path) -> T5PromptTokenizer:
     def encode_batch(texts: list[str]) -> list[Encoded]:
         return [_spiece_encoded(sp, text) for text in texts]
 
-    return _checked(path, encode_batch, piece_id("</s>"), piece_id("<pad>"), sp.get_piece_size())
+    with fenced(path, what):
+        special = piece_id("</s>"), piece_id("<pad>"), sp.get_piece_size()
+    return _checked(path, encode_batch, *special)
 
 
 def _spiece_encoded(sp: object, text: str) -> Encoded:

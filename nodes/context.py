@@ -87,7 +87,25 @@ class ContextBuilder:
                                 "needs FLAN-T5-XL (2048).")
         features, mask = _pad(prompts, weight.device, weight.dtype)
         self.rows_computed += len(prompts)
-        return run(features, torch.tensor(timesteps, device=weight.device), mask)
+        out = run(features, torch.tensor(timesteps, device=weight.device), mask)
+        if not bool(torch.isfinite(out).all()):  # once per computed batch of rows (kept rows are not rechecked)
+            raise EllaError(_non_finite(self.connector, features, out.dtype))
+        return out
+
+
+def _non_finite(connector: Connector, features: torch.Tensor, dtype: torch.dtype) -> str:
+    """What to say when the connector's output holds inf or NaN, naming the likely cause."""
+    name = str(dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(features).all()):
+        cause = "the T5 features already hold inf/NaN: load T5 as bf16 or fp32"
+    elif not all(bool(torch.isfinite(p).all()) for p in connector.parameters()):
+        cause = "the ELLA model file holds inf/NaN weights: it is damaged, download it again"
+    elif dtype == torch.float16:
+        cause = "the connector overflowed in float16: run the model in bf16 or fp32"
+    else:
+        cause = "the ELLA model file may be damaged: download it again"
+    return (f"ELLA: the connector produced non-finite values (inf/NaN) in {name}; {cause}. "
+            "Nothing was sent to the UNet.")
 
 
 def _pad(prompts: list[EllaPrompt], device: torch.device,

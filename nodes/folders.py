@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import folder_paths
 
@@ -67,6 +67,14 @@ def t5_path(name: str) -> Path:
                             f"({', '.join(p for f in TEXT_ENCODER_FOLDERS for p in _folders(f))}); "
                             "put the T5 folder or encoder .safetensors file there.")
     return choices[name]
+
+
+def t5_root(name: str, path: Path) -> Path:
+    """The model folder a listed T5 `name` (at `path`) may read from: the text encoder folder it is listed
+    in, or for the Hugging Face hub cache its `models--org--name` folder (snapshots link into its blobs/)."""
+    if name.startswith(HF_CACHE_PREFIX):
+        return path
+    return path.parents[len(PurePosixPath(name).parts) - 1]
 
 
 def _found_inside(name: str, bases: list[Path]) -> bool:

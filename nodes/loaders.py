@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 
 from .ella_handle import EllaHandle
-from .folders import ella_files, ella_path, t5_choices, t5_path
+from .folders import ella_files, ella_path, t5_choices, t5_path, t5_root
 from .t5_handle import DTYPE_CHOICES, T5Handle
 
 CATEGORY = "conditioning/ELLA"
@@ -51,4 +51,5 @@ class LoadT5Encoder:
         }}
 
     def load(self, t5_name: str, dtype: str) -> tuple[T5Handle]:
-        return (T5Handle(t5_path(t5_name), dtype),)
+        path = t5_path(t5_name)
+        return (T5Handle(path, dtype, roots=[t5_root(t5_name, path)]),)

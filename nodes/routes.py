@@ -1,7 +1,9 @@
 """HTTP route on ComfyUI's server for the web token counter: POST /ella/tokens.
 
 Body: {"text": str, "t5_name": str | null, "max_length": int 1..512 | null}. Every value is checked;
-bad input gets a 4xx reply {"error": message, "field": name}. Tokenizing runs in a worker thread.
+bad input gets a 4xx reply {"error": message, "field": name}. Tokenizer files are parsed and prompts
+counted in a small pool of worker threads of our own, so a flood of requests (or a slow, hostile
+tokenizer file) queues there and never holds the event loop or the threads other routes use.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import asyncio
 import json
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from ..ella import EllaLoadError
-from ..ella.t5_tokenizer import T5_MAX_TOKENS
+from ..ella import EllaError, EllaLoadError
+from ..ella.t5_tokenizer import T5_MAX_TOKENS, check_encodable
 from .token_count import NoTokenizer, UnknownT5, count_tokens, tokenizer_for
 
 log = logging.getLogger("ELLA")
@@ -25,6 +28,8 @@ MAX_TEXT_CHARS = 65_536
 MAX_BODY_BYTES = 4 * MAX_TEXT_CHARS + 4096  # room for JSON escapes of the longest text
 MAX_NAME_CHARS = 1024
 FIELDS = ("text", "t5_name", "max_length")
+WORKERS = 2
+_pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ella-tokens")
 _registered = False
 
 
@@ -51,9 +56,14 @@ async def count_route(request: web.Request) -> web.Response:
     """Count the T5 tokens of a prompt as ELLA Text Encode will feed them to T5."""
     try:
         text, t5_name, max_length = parse_body(await read_capped(request, MAX_BODY_BYTES))
-        return web.json_response(await asyncio.to_thread(count, text, t5_name, max_length))
+        reply = await asyncio.get_running_loop().run_in_executor(_pool, count, text, t5_name, max_length)
+        return web.json_response(reply)
     except BadRequest as e:
         return web.json_response({"error": e.message, "field": e.field}, status=e.status)
+    except Exception:  # a bug of ours: a 500 with a message, never a dropped connection
+        log.exception("ELLA: token count failed")
+        return web.json_response({"error": "internal error while counting tokens; see the server log",
+                                  "field": None}, status=500)
 
 
 def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, Any]:
@@ -69,7 +79,12 @@ def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, A
                 "message": str(e)}
     except EllaLoadError as e:
         raise BadRequest(422, "t5_name", f"t5_name: the tokenizer of {_short(t5_name)} cannot be read: {e}") from None
-    counted = count_tokens(tokenizer, text, max_length)
+    try:
+        counted = count_tokens(tokenizer, text, max_length)
+    except EllaLoadError as e:  # the tokenizer file failed while tokenizing
+        raise BadRequest(422, "t5_name", f"t5_name: the tokenizer of {_short(t5_name)} failed: {e}") from None
+    except EllaError as e:
+        raise BadRequest(400, "text", f"text: {e}") from None
     return {"tokens": counted.tokens, "limit": counted.limit, "cut": counted.cut, "mode": counted.mode,
             "tokenizer": source}
 
@@ -106,8 +121,13 @@ def parse_body(raw: bytes) -> tuple[str, str | None, int | None]:
         raise BadRequest(400, "text", f"text: expected a string, got {_type(text)}.")
     if len(text) > MAX_TEXT_CHARS:
         raise BadRequest(413, "text", f"text: {len(text)} characters, more than {MAX_TEXT_CHARS}.")
+    try:
+        check_encodable(text, "text")
+    except EllaError as e:
+        raise BadRequest(400, "text", str(e)) from None
     t5_name = body.get("t5_name")
-    if t5_name is not None and (not isinstance(t5_name, str) or not t5_name or len(t5_name) > MAX_NAME_CHARS):
+    if t5_name is not None and (not isinstance(t5_name, str) or not t5_name or len(t5_name) > MAX_NAME_CHARS
+                                or not t5_name.isprintable()):
         raise BadRequest(400, "t5_name", f"t5_name: expected null or the name of a listed T5 encoder "
                                          f"(1 to {MAX_NAME_CHARS} characters), got {_type(t5_name)}.")
     max_length = body.get("max_length")

@@ -29,11 +29,11 @@ class _Holder(torch.nn.Module):
 class T5Handle:
     """The ELLA_T5 value: a T5 encoder that ComfyUI loads to its text encoder device to encode."""
 
-    def __init__(self, path: Path, dtype_choice: str = "auto") -> None:
+    def __init__(self, path: Path, dtype_choice: str = "auto", roots: list[Path] | None = None) -> None:
         load_device = mm.text_encoder_device()
         offload_device = mm.text_encoder_offload_device()
         dtype = resolve_dtype(None if dtype_choice == "auto" else dtype_choice, load_device)
-        self.encoder = ella.load_t5(path, device=offload_device, dtype=dtype)
+        self.encoder = ella.load_t5(path, device=offload_device, dtype=dtype, roots=roots)
         self.patcher = comfy.model_patcher.ModelPatcher(
             _Holder(self.encoder.model), load_device=load_device, offload_device=offload_device)
         self.encodes = 0
@@ -48,7 +48,8 @@ class T5Handle:
             return self._cache[key]
         mm.throw_exception_if_processing_interrupted()
         mm.load_models_gpu([self.patcher], **FULL_LOAD)
-        encoded = self.encoder.encode([text], max_length=max_length, weighted=True)
+        encoded = self.encoder.encode([text], max_length=max_length, weighted=True,
+                                      interrupt=mm.throw_exception_if_processing_interrupted)
         self.encodes += 1
         keep = mm.intermediate_device()
         prompt = EllaPrompt(encoded.features.to(keep), encoded.connector_mask.to(keep))

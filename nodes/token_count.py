@@ -10,13 +10,13 @@ import importlib.util
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from threading import Lock
 
 from ..ella import EllaLoadError
 from ..ella.t5_files import find_tokenizer, find_weights, resolve_hf_cache
 from ..ella.t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, read_tokenizer_file
-from .folders import HF_CACHE_PREFIX, t5_choices
+from .folders import t5_choices, t5_root
 
 log = logging.getLogger("ELLA")
 
@@ -82,38 +82,50 @@ def host_tokenizer_file() -> Path | None:
 
 
 def _t5_tokenizer_file(name: str, path: Path) -> Path | None:
-    """The tokenizer file of a listed T5, if one is found inside the model folder it is listed from."""
+    """The tokenizer file of a listed T5, if one is found inside the model folder it is listed from
+    (the same containment rule as the loader's)."""
+    roots = [t5_root(name, path)]
     try:
         try:
-            found = find_tokenizer(None, find_weights(path))
+            found = find_tokenizer(None, find_weights(path, roots), roots)
         except EllaLoadError:
             if not path.is_dir():
                 return None
-            found = find_tokenizer(resolve_hf_cache(path), None)  # a folder without usable weights
-    except EllaLoadError:
-        return None
-    base = path.parent if name.startswith(HF_CACHE_PREFIX) else path.parents[len(PurePosixPath(name).parts) - 1]
-    if not found.resolve().is_relative_to(base.resolve()):
-        log.warning("ELLA: tokenizer %s leads out of %s; not read.", found, base)
+            found = find_tokenizer(resolve_hf_cache(path, roots), None, roots)  # a folder without usable weights
+    except EllaLoadError as e:
+        log.debug("ELLA: no tokenizer for T5 %r: %s", name, e)
         return None
     return found
 
 
-_cache: OrderedDict[tuple[str, int, int], T5PromptTokenizer] = OrderedDict()
+_cache: OrderedDict[tuple[str, int, int], T5PromptTokenizer | EllaLoadError] = OrderedDict()
 _lock = Lock()
+_loading: dict[tuple[str, int, int], Lock] = {}  # one parse per file at a time; others wait for its result
 
 
 def _cached(path: Path) -> T5PromptTokenizer:
-    """Load a tokenizer file once per (path, mtime, size); keep the few most recent."""
+    """Load a tokenizer file once per (path, mtime, size), failures included (an invalid file is not parsed
+    again until it changes); keep the few most recent."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    tokenizer = read_tokenizer_file(path)
-    with _lock:
-        _cache[key] = tokenizer
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return tokenizer
+        loading = _loading.setdefault(key, Lock())
+    with loading:
+        with _lock:
+            found = _cache.get(key)
+            if found is not None:
+                _cache.move_to_end(key)
+        if found is None:
+            try:
+                found = read_tokenizer_file(path)
+            except EllaLoadError as e:
+                found = e
+            with _lock:
+                _cache[key] = found
+                while len(_cache) > CACHE_SIZE:
+                    _cache.popitem(last=False)
+        with _lock:
+            _loading.pop(key, None)
+    if isinstance(found, EllaLoadError):
+        raise EllaLoadError(str(found))
+    return found

@@ -447,7 +447,7 @@ def test_unexpected_keys(tmp_path: Path, state: dict) -> None:
 def test_config_and_weights_disagree(tmp_path: Path, state: dict) -> None:
     folder = make_t5_folder(tmp_path, "hf", config=tiny_t5_config(d_ff=128), state_dict=state)
     msg = str(pytest.raises(EllaLoadError, load_t5, folder).value)
-    assert "model.safetensors" in msg and "shapes do not match" in msg and "d_ff 128" in msg
+    assert "model.safetensors" in msg and "config.json does not match the weights" in msg and "d_ff 128" in msg
 
 
 def test_truncated_file(tmp_path: Path) -> None:
