@@ -18,7 +18,7 @@ from connector_fixtures import random_connector_state
 from safetensors.torch import save_file
 from t5_fixtures import make_t5_folder, real_tokenizer_json
 from test_hostile import panicking_tokenizer
-from test_server import HOST, T5_NAME, assert_success, derived, pixels, server, with_input  # noqa: F401
+from test_server import HOST, T5_NAME, assert_success, derived, pixels, server, t5_folder, with_input  # noqa: F401
 
 from ella.connector import Connector, ConnectorConfig
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(HOST is None or real_tokenizer_json() is None,
 def hostile(server):  # noqa: F811
     """Hostile T5 folders and connector files in the server's model folders (lists are read per prompt)."""
     clip, ella_dir, work = server.work / "models" / "clip", server.work / "models" / "ella", server.work
-    authors = clip / T5_NAME
+    authors = t5_folder(server)
     panic = clip / "panic-t5"
     shutil.copytree(authors, panic)
     panicking_tokenizer(panic)
@@ -130,7 +130,7 @@ def test_token_route_survives_a_panicking_tokenizer_and_refuses_huge_ones(hostil
     status, reply = post_raw(srv, "/ella/tokens", json.dumps({"text": "a", "t5_name": "panic-t5"}).encode())
     assert (status, reply["field"]) == (422, "t5_name") and "PanicException" in reply["error"]
     huge = srv.work / "models" / "clip" / "huge-t5"
-    shutil.copytree(srv.work / "models" / "clip" / T5_NAME, huge)
+    shutil.copytree(t5_folder(srv), huge)
     with open(huge / "tokenizer.json", "r+b") as f:
         f.truncate(200 * 2**20)
     status, reply = post_raw(srv, "/ella/tokens", json.dumps({"text": "a", "t5_name": "huge-t5"}).encode())
