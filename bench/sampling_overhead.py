@@ -26,7 +26,7 @@ def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 
     builder = ContextBuilder(connector)
     builder.cache = RowCache(max_rows=0)  # its own cache, keeping nothing: every call runs the connector
     prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
-    timesteps = torch.full((len(prompts),), 500.0, device=connector.connector.latents.device)
+    timesteps = torch.full((len(prompts),), 500.0, device=connector.device)
     out = {}
     for label, enabled in (("graphs", True), ("eager", False)) if torch.cuda.is_available() else (("eager", False),):
         builder.run.enabled = enabled
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "model_evaluations": counted["ella"][1], "distinct_prompts": 2})
     counter.remove()
     results = {"sampling_overhead": rows, "tiny": args.tiny, "unet_dtype": str(compute_dtype(unet)),
-               "connector_dtype": str(connector.connector.latents.dtype), "connector_parameters": sum(
+               "connector_dtype": str(connector.dtype), "connector_parameters": sum(
         p.numel() for p in connector.parameters()), "unet_parameters": sum(
         p.numel() for p in unet.model.diffusion_model.parameters())}
     write("sampling_overhead", results, args.out)

@@ -26,7 +26,7 @@ class EllaHandle:
         self.path = path
         first = ella.load_connector(path, dtype=compute_dtype(dtype))
         self.config = first.config
-        self._spare = {first.connector.latents.dtype: first}  # loaded to check the file; kept for a UNet in its dtype
+        self._spare = {first.dtype: first}  # loaded to check the file; kept for a UNet in its dtype
         self._connectors: dict[tuple[torch.dtype, str, str], ella.Connector] = {}
         self._patchers: dict[tuple[torch.dtype, str, str], Any] = {}
 

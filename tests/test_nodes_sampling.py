@@ -369,10 +369,10 @@ def test_fp8_storage_runs_the_connector_in_a_compute_dtype(env, monkeypatch):
     monkeypatch.setattr(unet.model, "get_dtype", lambda: torch.float8_e4m3fn)
     monkeypatch.setattr(unet.model, "manual_cast_dtype", None, raising=False)
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.float32
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.float32
     monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.bfloat16
 
 
 def test_the_copy_loaded_to_check_the_file_goes_when_the_unet_computes_in_another_dtype(env, monkeypatch):
@@ -383,7 +383,7 @@ def test_the_copy_loaded_to_check_the_file_goes_when_the_unet_computes_in_anothe
     checked = weakref.ref(next(iter(handle._spare.values())))
     monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)  # fp8 storage
     model = pack.nodes.apply.ApplyElla().apply(unet, handle)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.bfloat16
     gc.collect()
     assert checked() is None  # 267 MB of RAM at the released size, held for nothing
 
