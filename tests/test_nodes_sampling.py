@@ -82,7 +82,7 @@ class RowCounter:
 def scheduled_model(env, max_rows=None):
     """A fresh Apply ELLA MODEL and its context builder, on hosts that give the run's schedule."""
     pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
@@ -349,7 +349,7 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
         hook.remove()
     assert len(seen) == len(spy.calls) == 2
     for control_context, (_, unet_context, _, _) in zip(seen, spy.calls, strict=True):
-        if pack.nodes.host.CALC_COND_BATCH:
+        if pack.nodes.host.HOST.keyed:
             assert torch.equal(control_context, unet_context)
         else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)
             assert not control_context.any() and unet_context.any()
@@ -461,7 +461,7 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     counts = rows.counts
     match_rows(env, spy, {"pos": pos, "neg": neg})  # looked-up rows are the connector's rows for each timestep
     distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
-    if pack.nodes.host.CALC_COND_BATCH:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
+    if pack.nodes.host.HOST.keyed:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
         assert counts[0] == 2 * 5
         assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
     else:  # 2024-03 host: no schedule is given, each evaluation at a new timestep computes its rows
@@ -471,11 +471,10 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
 
 def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
     pack, unet, ella, _, _ = env
-    patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the model_function_wrapper follows the UNet through model_patches_to")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    (hook,) = model.get_wrappers(patch.CALC_COND_BATCH, patch.WRAPPER_KEY)
+    (hook,) = model.get_wrappers(pack.nodes.host.HOST.wrapper, pack.nodes.host.KEY)
     # current ComfyUI casts every wrapper to the offload device after each run (cast_to_load_options);
     # following it would move the connector off the GPU behind its ModelPatcher's back, run after run
     assert hook.to(torch.device("meta")) is hook
@@ -500,12 +499,11 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpm_2"])
 def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monkeypatch):
     pack, unet, ella, _, _ = env
-    patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: no schedule is given, each evaluation computes its rows")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     pos, neg = encode(env, "a lighthouse at dawn", clip=None), encode(env, "")
-    log, per_call, hook_call = _OpLog(), [], patch.CondBatchHook.__call__
+    log, per_call, hook_call = _OpLog(), [], pack.nodes.hooks.CondBatchHook.__call__
 
     def logged(self, executor, *args):
         def unlogged(*inner):  # the model ELLA wraps is not ELLA's cost
@@ -522,7 +520,7 @@ def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monk
             schedule = args[4]["transformer_options"]["sample_sigmas"]
             per_call.append((float(args[3][0]), set(schedule.tolist()), log.ops))
 
-    monkeypatch.setattr(patch.CondBatchHook, "__call__", logged)
+    monkeypatch.setattr(pack.nodes.hooks.CondBatchHook, "__call__", logged)
     with log:
         sample(model, pos, neg, sampler=sampler, steps=4)
     first, *rest = per_call
@@ -536,7 +534,7 @@ def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monk
 def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
     pack, unet, ella, _, _ = env
     patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the connector follows the UNet, it has no ModelPatcher of its own")
     import gc
 
@@ -620,7 +618,7 @@ def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
 
 def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
     pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the connector has no ModelPatcher of its own")
     import comfy.model_management as mm
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
@@ -636,7 +634,7 @@ def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
                                     {"timestep_start": 1.0}, {"timestep_end": 1.5}, {"timestep_start": 1e39},
                                     {"timestep_start": 2.0, "timestep_end": 0.5}])
 def test_schedule_ranges_are_read_as_comfyui_compares_them(env, bounds):
-    in_range = env[0].nodes.patch._in_range
+    in_range = env[0].nodes.hooks._in_range
     for sigma in (1.0, 0.5, 2.0, 0.75):
         assert in_range(bounds, sigma) == in_range(bounds, torch.tensor([sigma])), sigma
 
@@ -651,9 +649,33 @@ def test_rows_asked_for_off_the_schedule_do_not_push_out_the_runs_own(env):
     assert rows.counts[-1] > 0
 
 
-def test_a_run_token_survives_copies_of_the_runs_options(env):
-    import copy
-    token = env[0].nodes.patch._RunToken()
-    options = {"transformer_options": {"ella_nodes_run": token}}
-    assert copy.deepcopy(options)["transformer_options"]["ella_nodes_run"] is token
-    assert copy.copy(token) is token
+def test_a_run_is_bounded_by_the_hosts_own_callbacks_under_ellas_key(env):
+    """Current hosts: the run's start and end come from ON_PRE_RUN / ON_CLEANUP under 'ella_nodes'; ELLA plants
+    nothing in the run's transformer_options; removing ELLA takes the callbacks off."""
+    pack, unet, ella, _, _ = env
+    host = pack.nodes.host
+    if not host.HOST.keyed:
+        pytest.skip("2024-03 host: no run lifecycle; each evaluation computes its rows")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    hook = pack.nodes.patch.ella_hook(model)
+    calls = host.HOST.callbacks
+    assert model.get_callbacks(calls.ON_PRE_RUN, host.KEY) == [hook.start_run]
+    assert model.get_callbacks(calls.ON_CLEANUP, host.KEY) == [hook.end_run]
+    seen = []
+    wrapped = hook.__call__
+
+    def spy(executor, model_, conds, x_in, timestep, model_options):
+        seen.append((hook.builder.cache.in_run, set(model_options["transformer_options"])))
+        return wrapped(executor, model_, conds, x_in, timestep, model_options)
+
+    original = model.get_wrappers(host.HOST.wrapper, host.KEY)
+    model.wrappers[host.HOST.wrapper][host.KEY] = [spy]
+    try:
+        sample(model, encode(env, "a lantern"), encode(env, ""), steps=2)
+    finally:
+        model.wrappers[host.HOST.wrapper][host.KEY] = original
+    assert seen and all(in_run for in_run, _ in seen)
+    assert not any(k.startswith("ella") for _, keys in seen for k in keys)
+    assert not hook.builder.cache.in_run and hook.builder.cache.run_size == 0  # ON_CLEANUP ended it
+    clean = pack.nodes.patch.remove_ella(model)
+    assert not clean.get_callbacks(calls.ON_PRE_RUN, host.KEY) and not clean.get_callbacks(calls.ON_CLEANUP, host.KEY)
