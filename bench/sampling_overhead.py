@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import Stopwatch, compute_dtype, ella_sd15, host, median, random_sd15, write
-from connector_fixtures import RELEASED, TINY
+
+from bench.common import Stopwatch, compute_dtype, ella_sd15, host, median, random_sd15, write
+from tests.connector_fixtures import RELEASED, TINY
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -54,8 +54,8 @@ def test_every_input_has_a_tooltip_and_every_node_a_description():
 def test_ella_conditioning_on_an_unpatched_model_is_explained(tmp_path):
     pack = boot(HOST)
     import comfy.sd
-    from comfy_host import save_tiny_unet
     from ella_pack.ella import EllaError
+    from tiny_sd import save_tiny_unet
 
     import nodes
     payload = pack.nodes.payload
