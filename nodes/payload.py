@@ -67,9 +67,13 @@ class EllaCond(comfy.conds.CONDRegular):
         self.cond = cond
 
     def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> EllaCond:
-        """Repeated to the batch size (on current hosts Apply ELLA's hook has rewritten the entry before this:
-        an unpatched model meets EllaRows.dtype at the model call)."""
+        """Repeated to the batch size (the 2024-03 host batches the payload for its model-call hook)."""
         return EllaCond((self.cond * -(-batch_size // len(self.cond)))[:batch_size])
+
+    def size(self) -> list[int]:
+        """Hosts that size each entry before batching are those where Apply ELLA's hook has already replaced
+        ELLA entries: one still here means the model was not patched."""
+        raise EllaError(NOT_PATCHED)
 
     def can_concat(self, other: object) -> bool:
         """Rows batch when their CLIP parts have one length (CLIP rows are padded by repetition)."""
