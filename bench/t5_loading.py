@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import ROOT, Stopwatch, median, peak_rss_mib, reset_peak_rss, write
+
+from bench.common import ROOT, Stopwatch, median, peak_rss_mib, reset_peak_rss, write
 
 XL = dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu",
           vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     for layout, path in files.items():
         for dtype in DTYPES:
             for loader in ("ella", "transformers") if layout == "folder" else ("ella",):
-                done = subprocess.run([sys.executable, __file__, "--measure", layout, str(path), dtype, loader],
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run([sys.executable, "-m", "bench.t5_loading", "--measure", layout, str(path), dtype,
+                                       loader], cwd=ROOT, capture_output=True, text=True, check=True)
                 loads.append(json.loads(done.stdout.strip().splitlines()[-1]))
     results = {"t5_loading": loads, "t5_encode": encode_latency(files["folder"], args.reps), "tiny": args.tiny}
     write("t5", results, args.out)

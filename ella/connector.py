@@ -157,15 +157,29 @@ class Connector(nn.Module):
         self.time_embedding = TimestepEmbedding(cfg.time_channels, cfg.time_embed_dim)
         self.connector = PerceiverResampler(cfg)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the one answer for the connector and the rows it makes)."""
+        return self.connector.latents.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        """ComfyUI's ModelPatcher records its placement in `module.device`; the weights already say it."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored and computed in."""
+        return self.connector.latents.dtype
+
     def forward(self, features: torch.Tensor, timesteps: torch.Tensor | float,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """features [B, L, input_dim]; timesteps: scalar or [B] (0..999 DDPM index);
         mask [B, L], True/1 = real token. Without a mask every token is attended, as in the reference."""
         batch, length = features.shape[:2]
-        weight = self.connector.proj_in.weight
-        features = features.to(weight.device, weight.dtype)
-        t = torch.as_tensor(timesteps, device=weight.device, dtype=torch.float32).reshape(-1).expand(batch)
-        bias = None if mask is None else token_bias(mask.to(weight.device), self.config.num_latents, weight.dtype)
+        device, dtype = self.device, self.dtype
+        features = features.to(device, dtype)
+        t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        bias = None if mask is None else token_bias(mask.to(device), self.config.num_latents, dtype)
         return self.connector(features, self.time_embedding(t), bias)
 
 

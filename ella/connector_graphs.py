@@ -43,8 +43,8 @@ class GraphedConnector:
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     def __call__(self, features: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        weight = self.connector.connector.proj_in.weight
-        if not (self.enabled and weight.is_cuda and features.device == weight.device
+        device = self.connector.device
+        if not (self.enabled and device.type == "cuda" and features.device == device
                 and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()):
             return self.connector(features, timesteps, mask)
         key = (tuple(features.shape), features.dtype, tuple(timesteps.shape), timesteps.dtype,

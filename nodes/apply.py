@@ -37,4 +37,5 @@ class ApplyElla:
         # the dtype the UNet computes in (fp8 storage computes in manual_cast_dtype)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         devices = (model.load_device, model.offload_device)
-        return (apply_ella(model, ella.connector(dtype, *devices), lambda: ella.model_patcher(dtype, *devices)),)
+        return (apply_ella(model, ella.connector(dtype, *devices), ella.row_cache(dtype, *devices),
+                           lambda: ella.model_patcher(dtype, *devices)),)

@@ -1,6 +1,6 @@
 """Turn (prompt, timestep) rows into ELLA context, running the connector once per distinct pair.
 
-When the host tells us a sampling run's schedule (current ComfyUI), the rows of every prompt at every
+When the host tells us a sampling run's start and schedule (current ComfyUI), the rows of every prompt at every
 scheduled timestep are computed up front in a few batched passes and each model evaluation only looks
 them up; otherwise each evaluation computes its own rows. Rows are kept across runs (`RowCache`), so a
 graph sampled again (a new seed) costs no connector work.
@@ -8,86 +8,95 @@ graph sampled again (a new seed) costs no connector work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..ella import Connector, EllaError
 from ..ella.connector_graphs import GraphedConnector
 from .payload import EllaPrompt
-from .row_cache import Group, row_cache
+from .row_cache import Group, RowCache
 
 PREFILL_CHUNK = 64
 
 
 class ContextBuilder:
-    """Computes the connector output for batch rows; `rows_computed` counts connector rows (for tests/bench)."""
+    """Computes the connector's rows (its output for one prompt at one timestep) for batch rows, and decides
+    where the connector and its rows live; `rows_computed` counts connector rows (for tests and the bench)."""
 
-    def __init__(self, connector: Connector) -> None:
+    def __init__(self, connector: Connector, cache: RowCache) -> None:
         self.connector = connector
-        self.run = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
+        self.graphed = GraphedConnector(connector)  # CUDA graph replays on a GPU, eager elsewhere
         self.rows_computed = 0
-        self.cache = row_cache(connector)
+        self.cache = cache
 
-    def prefill(self, run_key: object, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
-        """Make ready, in batched passes, the rows a sampling run will ask for: each prompt at the timesteps
-        it will be asked for. `run_key` names the run (a new one forgets the last run's rows). More rows than
-        the cache holds: none (each evaluation computes its own)."""
-        self.cache.follow(self.connector.connector.latents.device)
-        self.cache.start_run(run_key)
-        by_id = {id(p.features): p for p, _ in wanted}
-        todo = [k for k in dict.fromkeys((id(p.features), t) for p, ts in wanted for t in ts)
-                if self.cache.run_row(by_id[k[0]].features, k[1]) is None]
+    def place(self, device: torch.device) -> None:
+        """Move the connector to `device` (the 2024-03 host: it follows the UNet); kept rows follow it."""
+        if self.connector.device != device:
+            self.connector.to(device)
+        self.cache.follow(device)
+
+    def start_run(self) -> None:
+        """A sampling run begins (current hosts): what `prefill` makes ready is for this run."""
+        self.cache.start_run()
+
+    def end_run(self) -> None:
+        self.cache.end_run()
+
+    def prefill(self, wanted: Sequence[tuple[EllaPrompt, Sequence[float]]]) -> None:
+        """Make ready, in batched passes, the rows this sampling run will ask for: each prompt at the
+        timesteps it will be asked for. More rows than the cache holds: none (each evaluation computes its own)."""
+        self.cache.follow(self.connector.device)
+        by_key = {p.key: p for p, _ in wanted}
+        todo = [k for k in dict.fromkeys((p.key, t) for p, ts in wanted for t in ts) if self.cache.run_row(*k) is None]
         if self.cache.run_size + len(todo) > self.cache.max_rows:
             return
         for start in range(0, len(todo), PREFILL_CHUNK):
             group = tuple(todo[start:start + PREFILL_CHUNK])
-            features = [by_id[pid].features for pid, _ in group]
-            self.cache.add_to_run(group, features, self._rows(group, by_id, self.connector, evict=True))
+            self.cache.add_to_run(group, self._group_rows(group, by_key, self.connector, evict=True))
 
     def lookup(self, prompts: Sequence[EllaPrompt], timestep: float) -> list[torch.Tensor] | None:
         """This run's up-front [1, L, W] row of each prompt at `timestep`, or None unless all are there."""
-        rows = [self.cache.run_row(p.features, timestep) for p in prompts]
+        rows = [self.cache.run_row(p.key, timestep) for p in prompts]
         return None if any(r is None for r in rows) else rows
 
-    def ella_tokens(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
-        """[N, num_latents, width] for row i = connector(prompts[i], timesteps[i]); rows sharing prompt
-        features (one encode) and a timestep share one connector evaluation."""
-        self.cache.follow(self.connector.connector.latents.device)
+    def rows(self, prompts: Sequence[EllaPrompt], timesteps: torch.Tensor) -> torch.Tensor:
+        """[N, num_latents, width] for row i = connector(prompts[i], timesteps[i]); rows sharing a prompt (one
+        encode) and a timestep share one connector evaluation."""
+        self.cache.follow(self.connector.device)
         distinct: dict[tuple[int, float], int] = {}
-        row_index = [distinct.setdefault((id(p.features), t), len(distinct))
+        row_index = [distinct.setdefault((p.key, t), len(distinct))
                      for p, t in zip(prompts, timesteps.tolist(), strict=True)]
         group = tuple(distinct)
-        by_id = {id(p.features): p for p in prompts}
-        ready = [self.cache.run_row(by_id[pid].features, t) for pid, t in group]
+        by_key = {p.key: p for p in prompts}
+        ready = [self.cache.run_row(*k) for k in group]
         if all(row is not None for row in ready):
             out = torch.cat(ready)
         else:  # kept only where it fits: a run's own up-front rows stay
-            out = self._rows(group, by_id, self.run, evict=self.cache.run_key is None)
+            out = self._group_rows(group, by_key, self.graphed, evict=not self.cache.in_run)
         if row_index == list(range(len(group))):
             return out
         return out[torch.tensor(row_index, device=out.device)]
 
-    def _rows(self, group: Group, by_id: dict[int, EllaPrompt], run: object, evict: bool) -> torch.Tensor:
+    def _group_rows(self, group: Group, by_key: dict[int, EllaPrompt], call: Callable, evict: bool) -> torch.Tensor:
         """The connector's rows for `group`, kept from an earlier run or computed (and kept)."""
         out = self.cache.get(group)
         if out is None:
-            prompts = [by_id[pid] for pid, _ in group]
-            out = self._compute(prompts, [t for _, t in group], run)
-            self.cache.put(group, [p.features for p in prompts], out, evict=evict)
+            out = self._compute([by_key[key] for key, _ in group], [t for _, t in group], call)
+            self.cache.put(group, out, evict=evict)
         return out
 
     @torch.no_grad()
-    def _compute(self, prompts: list[EllaPrompt], timesteps: list[float], run: object) -> torch.Tensor:
-        weight = self.connector.connector.latents
+    def _compute(self, prompts: list[EllaPrompt], timesteps: list[float], call: Callable) -> torch.Tensor:
+        device, dtype = self.connector.device, self.connector.dtype
         for p in prompts:
             if p.features.shape[-1] != self.connector.config.input_dim:
                 raise EllaError(f"ELLA: the T5 encoder gives {p.features.shape[-1]}-wide features but this ELLA "
                                 f"model reads {self.connector.config.input_dim}-wide ones; ella-sd1.5-tsc-t5xl "
                                 "needs FLAN-T5-XL (2048).")
-        features, mask = _pad(prompts, weight.device, weight.dtype)
+        features, mask = _pad(prompts, device, dtype)
         self.rows_computed += len(prompts)
-        out = run(features, torch.tensor(timesteps, device=weight.device), mask)
+        out = call(features, torch.tensor(timesteps, device=device), mask)
         if not bool(torch.isfinite(out).all()):  # once per computed batch of rows (kept rows are not rechecked)
             raise EllaError(_non_finite(self.connector, features, out.dtype))
         return out

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from .. import ella
-from .row_cache import row_cache
+from .host import HOST
+from .row_cache import RowCache
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,8 +27,9 @@ class EllaHandle:
         self.path = path
         first = ella.load_connector(path, dtype=compute_dtype(dtype))
         self.config = first.config
-        self._spare = {first.connector.latents.dtype: first}  # loaded to check the file; kept for a UNet in its dtype
+        self._spare = {first.dtype: first}  # loaded to check the file; kept for a UNet in its dtype
         self._connectors: dict[tuple[torch.dtype, str, str], ella.Connector] = {}
+        self._caches: dict[tuple[torch.dtype, str, str], RowCache] = {}
         self._patchers: dict[tuple[torch.dtype, str, str], Any] = {}
 
     def connector(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> ella.Connector:
@@ -39,28 +41,29 @@ class EllaHandle:
             self._connectors[key] = spare if spare is not None else ella.load_connector(self.path, dtype=key[0])
         return self._connectors[key]
 
+    def row_cache(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> RowCache:
+        """The rows kept for `connector(dtype, load_device, offload_device)`, shared by every Apply ELLA of it."""
+        key = _key(dtype, load_device, offload_device)
+        if key not in self._caches:
+            self._caches[key] = RowCache()
+        return self._caches[key]
+
     def model_patcher(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> Any:
         """The ModelPatcher that places `connector(dtype, load_device, offload_device)` on current hosts,
         living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it served while
-        its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry."""
+        its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry. When ComfyUI
+        unloads the connector (not merely swapping one clone of its patcher for another), its kept rows go
+        too, so that no memory stays on the device it left."""
         import comfy.model_patcher
-        import comfy.patcher_extension
 
         key = _key(dtype, load_device, offload_device)
         if key not in self._patchers:
             patcher = comfy.model_patcher.ModelPatcher(self.connector(dtype, load_device, offload_device),
                                                        load_device=load_device, offload_device=offload_device)
-            patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _forget_rows)
+            HOST.on_unload(patcher, self.row_cache(dtype, load_device, offload_device).clear)
             self._patchers[key] = patcher
         return self._patchers[key]
 
 
 def _key(dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> tuple[torch.dtype, str, str]:
     return compute_dtype(dtype), str(load_device), str(offload_device)
-
-
-def _forget_rows(patcher: Any, unpatch_all: bool) -> None:
-    """ComfyUI unloads the connector (not merely swapping one clone of its patcher for another): the rows
-    kept for it go too, so that no memory stays on the device it left."""
-    if unpatch_all:
-        row_cache(patcher.model).clear()

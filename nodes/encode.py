@@ -6,7 +6,7 @@ import torch
 
 from ..ella import EllaError
 from .loaders import CATEGORY
-from .payload import KEY, EllaCond, EllaPrompt
+from .payload import KEY, EllaCond
 from .t5_handle import T5Handle
 
 NUM_LATENTS, CONTEXT_WIDTH = 64, 768  # ELLA-SD1.5's output; a placeholder until the hook replaces it
@@ -52,6 +52,6 @@ class EllaTextEncode:
                             "not from another ELLA Text Encode.")
         out = []
         for clip_tokens, extras in clip_conditioning:
-            row = EllaPrompt(prompt.features, prompt.mask, clip_tokens.shape[1])
+            row = prompt.with_clip(clip_tokens.shape[1])
             out.append([clip_tokens, {**extras, "model_conds": {**extras.get("model_conds", {}), KEY: EllaCond((row,))}}])
         return (out,)

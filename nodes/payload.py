@@ -7,24 +7,35 @@ batch sizes alike.
 
 from __future__ import annotations
 
+import itertools
+
 import comfy.conds
 import torch
 
 from ..ella import EllaError
-from .host import CALC_COND_BATCH
 
 KEY = "ella_prompt"
 
 
-class EllaPrompt:
-    """T5 features of one prompt plus how its context is assembled (ELLA only, or ELLA + CLIP)."""
+_KEYS = itertools.count()
 
-    def __init__(self, features: torch.Tensor, mask: torch.Tensor, clip_tokens: int = 0) -> None:
+
+class EllaPrompt:
+    """T5 features of one prompt plus how its context is assembled (ELLA only, or ELLA + CLIP). `key` names
+    the features for the connector's rows: given when the prompt is encoded, shared by its ELLA + CLIP
+    variants (`with_clip`)."""
+
+    def __init__(self, features: torch.Tensor, mask: torch.Tensor, clip_tokens: int = 0, key: int | None = None) -> None:
+        self.key = next(_KEYS) if key is None else key
         self.features = features  # [1, L, D] on the intermediate device
         self.mask = mask  # [1, L] bool (attended or not) or float token weights (0 = not attended)
         self.clip_tokens = clip_tokens  # 0: ELLA only; else CLIP tokens appended after ELLA's
         self.unmasked = bool((mask == 1).all())
         self._placed: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def with_clip(self, clip_tokens: int) -> EllaPrompt:
+        """The same prompt (same key, so the same rows) with `clip_tokens` CLIP tokens after ELLA's."""
+        return EllaPrompt(self.features, self.mask, clip_tokens, self.key)
 
     @property
     def length(self) -> int:
@@ -56,9 +67,13 @@ class EllaCond(comfy.conds.CONDRegular):
         self.cond = cond
 
     def process_cond(self, batch_size: int, device: object = None, **kwargs: object) -> EllaCond:
-        if CALC_COND_BATCH:  # Apply ELLA rewrites entries before this point on such hosts
-            raise EllaError(NOT_PATCHED)
+        """Repeated to the batch size (the 2024-03 host batches the payload for its model-call hook)."""
         return EllaCond((self.cond * -(-batch_size // len(self.cond)))[:batch_size])
+
+    def size(self) -> list[int]:
+        """Hosts that size each entry before batching are those where Apply ELLA's hook has already replaced
+        ELLA entries: one still here means the model was not patched."""
+        raise EllaError(NOT_PATCHED)
 
     def can_concat(self, other: object) -> bool:
         """Rows batch when their CLIP parts have one length (CLIP rows are padded by repetition)."""

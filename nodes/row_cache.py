@@ -1,23 +1,21 @@
-"""Connector outputs kept across sampling runs, one cache per connector.
+"""Connector outputs kept across sampling runs; each ELLA handle owns one cache per connector it loads.
 
 A row depends only on the prompt's features and the timestep, never on the seed or the latent, so a
 prompt sampled again (a new seed, a re-queued workflow) can reuse its rows. They are kept by the exact
-group of (features, timestep) rows computed together, because a row's last bits depend on what it was
+group of (prompt key, timestep) rows computed together, because a row's last bits depend on what it was
 batched with: a group asked for again gets exactly the tensor that computing it again would give, so a
 seed reproduces the same image whatever ran before. The least recently used groups go first.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 
 MAX_ROWS = 256  # 64 x 768 tokens each: at most 24 MiB in fp16, 48 MiB in fp32
 
-Key = tuple[int, float]  # (id of a prompt's features, timestep)
+Key = tuple[int, float]  # (a prompt's key, given when it was encoded; timestep)
 Group = tuple[Key, ...]  # the rows computed together, in order
 
 
@@ -28,11 +26,10 @@ class RowCache:
     def __init__(self, max_rows: int = MAX_ROWS) -> None:
         self.max_rows = max_rows
         self.device: torch.device | None = None
-        self.run_key: object = None
+        self.in_run = False
         self._rows = 0
-        # the features are held so that the ids in the keys stay theirs
-        self._groups: OrderedDict[Group, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = OrderedDict()
-        self._run: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: OrderedDict[Group, torch.Tensor] = OrderedDict()
+        self._run: dict[Key, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self._rows
@@ -50,48 +47,37 @@ class RowCache:
     def clear(self) -> None:
         self._groups.clear()
         self._run.clear()
-        self._rows, self.run_key = 0, None
+        self._rows = 0
 
     def get(self, group: Group) -> torch.Tensor | None:
-        entry = self._groups.get(group)
-        if entry is None:
-            return None
-        self._groups.move_to_end(group)
-        return entry[1]
+        out = self._groups.get(group)
+        if out is not None:
+            self._groups.move_to_end(group)
+        return out
 
-    def put(self, group: Group, features: Sequence[torch.Tensor], out: torch.Tensor, evict: bool = True) -> None:
-        """Keep `out`, the rows of `group`; `features` are the tensors whose ids the group names. With
-        `evict` False it is kept only if it fits without dropping anything."""
+    def put(self, group: Group, out: torch.Tensor, evict: bool = True) -> None:
+        """Keep `out`, the rows of `group`. With `evict` False it is kept only if it fits without dropping
+        anything."""
         if group in self._groups or len(group) > self.max_rows - (0 if evict else self._rows):
             return
-        self._groups[group] = (tuple(features), out)
+        self._groups[group] = out
         self._rows += len(group)
         while self._rows > self.max_rows:
             dropped, _ = self._groups.popitem(last=False)
             self._rows -= len(dropped)
 
-    def start_run(self, run_key: object) -> None:
-        """A new `run_key` (held, compared by identity) forgets the last run's rows (not the kept groups)."""
-        if run_key is not self.run_key:
-            self.run_key = run_key
-            self._run = {}
+    def start_run(self) -> None:
+        """A sampling run begins: the last run's own rows go (not the kept groups)."""
+        self.in_run, self._run = True, {}
 
-    def add_to_run(self, group: Group, features: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        """Make the rows of `group` this run's rows, each with the features it is for."""
-        self._run.update((key, (f, row)) for key, f, row in zip(group, features, out.split(1), strict=True))
+    def end_run(self) -> None:
+        """The sampling run is over: its own rows go (not the kept groups)."""
+        self.in_run, self._run = False, {}
 
-    def run_row(self, features: torch.Tensor, timestep: float) -> torch.Tensor | None:
-        """This run's [1, L, W] row of `features` at `timestep`, if it was made ready."""
-        entry = self._run.get((id(features), timestep))
-        return entry[1] if entry is not None and entry[0] is features else None
+    def add_to_run(self, group: Group, out: torch.Tensor) -> None:
+        """Make the rows of `group` this run's rows."""
+        self._run.update(zip(group, out.split(1), strict=True))
 
-
-_BY_CONNECTOR: weakref.WeakKeyDictionary[torch.nn.Module, RowCache] = weakref.WeakKeyDictionary()
-
-
-def row_cache(connector: torch.nn.Module) -> RowCache:
-    """The one RowCache of `connector` (every Apply ELLA of it shares it); it goes with the connector."""
-    cache = _BY_CONNECTOR.get(connector)
-    if cache is None:
-        cache = _BY_CONNECTOR[connector] = RowCache()
-    return cache
+    def run_row(self, key: int, timestep: float) -> torch.Tensor | None:
+        """This run's [1, L, W] row of the prompt `key` at `timestep`, if it was made ready."""
+        return self._run.get((key, timestep))

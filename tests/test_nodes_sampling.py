@@ -5,11 +5,16 @@ connector(prompt features, timestep(sigma)) for that evaluation's own sigma."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
-from comfy_host import boot, comfyui_root, save_tiny_unet
+from comfy_host import boot, comfyui_root
 from connector_fixtures import save_connector
 from t5_fixtures import make_t5_folder
+from tiny_sd import save_tiny_unet
 
 from ella.connector import ConnectorConfig
 
@@ -19,8 +24,19 @@ T5_WIDTH = 32  # tiny T5 d_model
 CONNECTOR = ConnectorConfig(width=768, num_latents=16, num_blocks=1, input_dim=T5_WIDTH)
 
 
+@dataclass
+class Env:
+    """What every test here samples with: the booted pack, a tiny SD1.5 UNet, ELLA and T5 handles."""
+
+    pack: Any
+    unet: Any
+    ella: Any
+    t5: Any
+    models: Path
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory) -> Env:
     pack = boot(ROOT)
     import comfy.sd
     import folder_paths
@@ -41,7 +57,7 @@ def env(tmp_path_factory):
     n = pack.nodes
     ella = n.loaders.LoadEllaModel().load("ella-tiny.safetensors")[0]
     t5 = n.loaders.LoadT5Encoder().load(t5_name, "auto")[0]
-    return pack, unet, ella, t5, base
+    return Env(pack, unet, ella, t5, base)
 
 
 class UNetSpy:
@@ -81,8 +97,8 @@ class RowCounter:
 
 def scheduled_model(env, max_rows=None):
     """A fresh Apply ELLA MODEL and its context builder, on hosts that give the run's schedule."""
-    pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
+    pack, unet, ella = env.pack, env.unet, env.ella
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
@@ -92,8 +108,8 @@ def scheduled_model(env, max_rows=None):
 
 
 def encode(env, text, mode="flexible", clip=None):
-    pack = env[0]
-    return pack.nodes.encode.EllaTextEncode().encode(env[3], text, mode, 128, clip)[0]
+    pack = env.pack
+    return pack.nodes.encode.EllaTextEncode().encode(env.t5, text, mode, 128, clip)[0]
 
 
 def sample(model, positive, negative, sampler="euler", scheduler="normal", steps=4, denoise=1.0, batch=1, seed=0):
@@ -106,8 +122,8 @@ def sample(model, positive, negative, sampler="euler", scheduler="normal", steps
 def expected(env, cond, t):
     """connector(features of the entry, t, its token weights) for one row, computed alone (no padding)."""
     prompt = cond[0][1]["model_conds"]["ella_prompt"].cond[0]
-    unet = env[1]
-    connector = env[2].connector(torch.float32, unet.load_device, unet.offload_device)
+    unet = env.unet
+    connector = env.ella.connector(torch.float32, unet.load_device, unet.offload_device)
     with torch.no_grad():
         return connector(prompt.features, t.reshape(1), None if prompt.unmasked else prompt.mask)[0]
 
@@ -147,7 +163,7 @@ def _row_matches(env, cond, context, t):
     ("heun", "karras", 1.0), ("dpmpp_2m", "normal", 1.0), ("euler_ancestral", "normal", 1.0), ("euler", "karras", 0.6),
 ])
 def test_every_evaluation_gets_its_own_timesteps_context(env, sampler, scheduler, denoise):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     pos, neg = encode(env, "a red cube on a blue sphere"), encode(env, "")
     with UNetSpy(unet) as spy:
@@ -166,7 +182,7 @@ def test_nodes_that_edit_tokens_act_on_the_clip_part_only(env):
     """Average, Concat and Zero Out edit a conditioning's tensor, and ELLA's tokens are made after them: they
     change the CLIP part of ELLA + CLIP conditioning and nothing of ELLA-only conditioning (as the README says)."""
     import nodes
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     other = [[torch.randn(1, 77, 768), {}]]
     edits = {"zero out": nodes.ConditioningZeroOut().zero_out,
@@ -190,7 +206,7 @@ def test_nodes_that_edit_tokens_act_on_the_clip_part_only(env):
 
 def test_batch_of_three_with_combine_area_and_clip_negative(env):
     import nodes
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     whole = encode(env, "a landscape with mountains")
     left = nodes.ConditioningSetArea().append(encode(env, "a castle", "fixed"), 32, 64, 0, 0, 1.0)[0]
@@ -205,7 +221,7 @@ def test_batch_of_three_with_combine_area_and_clip_negative(env):
 
 
 def test_ella_plus_clip_appends_clip_tokens(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     clip = [[torch.randn(1, 154, 768), {"pooled_output": torch.randn(1, 768)}]]
     pos = encode(env, "a photo of sks dog", clip=clip)
@@ -218,7 +234,7 @@ def test_ella_plus_clip_appends_clip_tokens(env):
 
 def test_timestep_ranges_pick_the_prompt_per_evaluation(env):
     import nodes
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     early = nodes.ConditioningSetTimestepRange().set_range(encode(env, "a rough sketch"), 0.0, 0.5)[0]
     late = nodes.ConditioningSetTimestepRange().set_range(encode(env, "fine details"), 0.5, 1.0)[0]
@@ -232,7 +248,7 @@ def test_timestep_ranges_pick_the_prompt_per_evaluation(env):
 
 
 def test_connector_runs_once_per_distinct_prompt_per_evaluation(env):
-    pack, unet, ella, t5, _ = env
+    pack, unet, ella, t5 = env.pack, env.unet, env.ella, env.t5
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
     before_encodes = t5.encodes
@@ -246,7 +262,7 @@ def test_connector_runs_once_per_distinct_prompt_per_evaluation(env):
 
 
 def test_wrapper_installed_before_is_still_called(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     calls = []
 
     def other_pack_wrapper(apply_model, args):
@@ -264,7 +280,7 @@ def test_wrapper_installed_before_is_still_called(env):
 
 
 def test_input_model_untouched_apply_twice_does_not_stack_and_remove_restores(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     patch = pack.nodes.patch
     snapshot = _hooks(unet)
     once = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
@@ -288,7 +304,7 @@ def _hooks(model):
 
 def test_t5_is_under_comfyui_memory_management(env):
     import comfy.model_management as mm
-    _, _, _, t5, _ = env
+    t5 = env.t5
     encode(env, "a prompt never seen before")
     assert t5.patcher.model.t5 is t5.encoder.model
     assert any(lm.model is t5.patcher for lm in mm.current_loaded_models)
@@ -297,7 +313,7 @@ def test_t5_is_under_comfyui_memory_management(env):
 def test_apply_to_a_non_sd15_model_is_refused(env, tmp_path):
     import comfy.sd
     from ella_pack.ella import EllaError
-    pack, _, ella, _, _ = env
+    pack, ella = env.pack, env.ella
     sd2 = comfy.sd.load_checkpoint_guess_config(str(save_tiny_unet(tmp_path / "sd2.safetensors", 1024, linear=True)),
                                                 output_vae=False, output_clip=False)[0]
     with pytest.raises(EllaError, match="not Stable Diffusion 1.5"):
@@ -306,7 +322,7 @@ def test_apply_to_a_non_sd15_model_is_refused(env, tmp_path):
 
 def test_connector_width_must_match_the_model(env):
     from ella_pack.ella import EllaError
-    pack, unet, _, _, _ = env
+    pack, unet = env.pack, env.unet
     narrow = pack.nodes.loaders.LoadEllaModel().load("ella-narrow.safetensors")[0]
     with pytest.raises(EllaError, match="32-wide tokens but this model's cross-attention expects 768"):
         pack.nodes.apply.ApplyElla().apply(unet, narrow)
@@ -314,7 +330,7 @@ def test_connector_width_must_match_the_model(env):
 
 def test_loaders_refuse_unlisted_names(env):
     from ella_pack.ella import EllaLoadError
-    pack = env[0]
+    pack = env.pack
     with pytest.raises(EllaLoadError, match="not in the ella model folders"):
         pack.nodes.loaders.LoadEllaModel().load("../../etc/passwd")
     with pytest.raises(EllaLoadError, match="not in the text encoder folders"):
@@ -328,7 +344,7 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
     from safetensors.torch import save_file
 
     import nodes
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     config = dict(unet.model.model_config.unet_config)
     config.pop("out_channels")
     config.update(hint_channels=3, operations=comfy.ops.disable_weight_init)
@@ -349,14 +365,14 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
         hook.remove()
     assert len(seen) == len(spy.calls) == 2
     for control_context, (_, unet_context, _, _) in zip(seen, spy.calls, strict=True):
-        if pack.nodes.host.CALC_COND_BATCH:
+        if pack.nodes.host.HOST.keyed:
             assert torch.equal(control_context, unet_context)
         else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)
             assert not control_context.any() and unet_context.any()
 
 
 def test_t5_dtype_choices(env):
-    pack, _, _, t5, _ = env
+    pack, t5 = env.pack, env.t5
     name = next(n for n, p in pack.nodes.folders.t5_choices().items() if p == t5.encoder.path)
     assert t5.encoder.model.dtype == torch.float32  # auto on CPU
     bf16 = pack.nodes.loaders.LoadT5Encoder().load(name, "bf16")[0]
@@ -365,32 +381,32 @@ def test_t5_dtype_choices(env):
 
 
 def test_fp8_storage_runs_the_connector_in_a_compute_dtype(env, monkeypatch):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     monkeypatch.setattr(unet.model, "get_dtype", lambda: torch.float8_e4m3fn)
     monkeypatch.setattr(unet.model, "manual_cast_dtype", None, raising=False)
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.float32
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.float32
     monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.bfloat16
 
 
 def test_the_copy_loaded_to_check_the_file_goes_when_the_unet_computes_in_another_dtype(env, monkeypatch):
     import gc
     import weakref
-    pack, unet, _, _, _ = env
+    pack, unet = env.pack, env.unet
     handle = pack.nodes.loaders.LoadEllaModel().load("ella-tiny.safetensors")[0]  # checked in unet_dtype()
     checked = weakref.ref(next(iter(handle._spare.values())))
     monkeypatch.setattr(unet.model, "manual_cast_dtype", torch.bfloat16, raising=False)  # fp8 storage
     model = pack.nodes.apply.ApplyElla().apply(unet, handle)[0]
-    assert pack.nodes.patch.ella_builder(model).connector.connector.latents.dtype == torch.bfloat16
+    assert pack.nodes.patch.ella_builder(model).connector.dtype == torch.bfloat16
     gc.collect()
     assert checked() is None  # 267 MB of RAM at the released size, held for nothing
 
 
 def test_t5_width_must_match_the_connector(env):
     from ella_pack.ella import EllaError
-    pack, unet, _, _, _ = env
+    pack, unet = env.pack, env.unet
     other = pack.nodes.loaders.LoadEllaModel().load("ella-other-t5.safetensors")[0]
     model = pack.nodes.apply.ApplyElla().apply(unet, other)[0]
     with pytest.raises(EllaError, match="32-wide features but this ELLA model reads 24-wide"):
@@ -404,7 +420,7 @@ def test_clip_conditioning_from_another_ella_encode_is_refused(env):
 
 
 def test_weighted_prompts_reach_the_connector_at_every_evaluation(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     pos, plain = encode(env, "a (red:2.5) cube on a (blue sphere:0)"), encode(env, "a red cube on a blue sphere")
     weighted, unweighted = (c[0][1]["model_conds"]["ella_prompt"].cond[0] for c in (pos, plain))
@@ -417,7 +433,7 @@ def test_weighted_prompts_reach_the_connector_at_every_evaluation(env):
 
 
 def test_weight_one_markup_samples_exactly_like_plain_text(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     neg = encode(env, "")
     plain = sample(model, encode(env, "a red cube"), neg, steps=2)
@@ -426,7 +442,7 @@ def test_weight_one_markup_samples_exactly_like_plain_text(env):
 
 
 def test_weighting_with_clip_keeps_the_clip_tokens_and_weights_the_ella_part(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     clip = [[torch.randn(1, 77, 768), {}]]
     pos = encode(env, "a photo of (sks dog:1.4) in the snow", "fixed", clip=clip)
@@ -452,7 +468,7 @@ def test_parser_weights_match_comfyuis_own_parser(env, text):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpm_2"])
 def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(env, sampler):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
     pos, neg = encode(env, f"a lighthouse at dawn, {sampler}"), encode(env, "")  # rows of no earlier test
@@ -461,7 +477,7 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     counts = rows.counts
     match_rows(env, spy, {"pos": pos, "neg": neg})  # looked-up rows are the connector's rows for each timestep
     distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
-    if pack.nodes.host.CALC_COND_BATCH:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
+    if pack.nodes.host.HOST.keyed:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
         assert counts[0] == 2 * 5
         assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
     else:  # 2024-03 host: no schedule is given, each evaluation at a new timestep computes its rows
@@ -470,12 +486,11 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
 
 
 def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
-    pack, unet, ella, _, _ = env
-    patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    pack, unet, ella = env.pack, env.unet, env.ella
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the model_function_wrapper follows the UNet through model_patches_to")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
-    (hook,) = model.get_wrappers(patch.CALC_COND_BATCH, patch.WRAPPER_KEY)
+    (hook,) = model.get_wrappers(pack.nodes.host.HOST.wrapper, pack.nodes.host.KEY)
     # current ComfyUI casts every wrapper to the offload device after each run (cast_to_load_options);
     # following it would move the connector off the GPU behind its ModelPatcher's back, run after run
     assert hook.to(torch.device("meta")) is hook
@@ -499,13 +514,12 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpm_2"])
 def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monkeypatch):
-    pack, unet, ella, _, _ = env
-    patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    pack, unet, ella = env.pack, env.unet, env.ella
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: no schedule is given, each evaluation computes its rows")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     pos, neg = encode(env, "a lighthouse at dawn", clip=None), encode(env, "")
-    log, per_call, hook_call = _OpLog(), [], patch.CondBatchHook.__call__
+    log, per_call, hook_call = _OpLog(), [], pack.nodes.hooks.CondBatchHook.__call__
 
     def logged(self, executor, *args):
         def unlogged(*inner):  # the model ELLA wraps is not ELLA's cost
@@ -522,7 +536,7 @@ def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monk
             schedule = args[4]["transformer_options"]["sample_sigmas"]
             per_call.append((float(args[3][0]), set(schedule.tolist()), log.ops))
 
-    monkeypatch.setattr(patch.CondBatchHook, "__call__", logged)
+    monkeypatch.setattr(pack.nodes.hooks.CondBatchHook, "__call__", logged)
     with log:
         sample(model, pos, neg, sampler=sampler, steps=4)
     first, *rest = per_call
@@ -534,9 +548,9 @@ def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monk
 
 
 def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     patch = pack.nodes.patch
-    if not patch.CALC_COND_BATCH:
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the connector follows the UNet, it has no ModelPatcher of its own")
     import gc
 
@@ -557,7 +571,7 @@ def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
 
 
 def test_models_on_two_devices_get_connectors_of_their_own(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     apply, builder = pack.nodes.apply.ApplyElla().apply, pack.nodes.patch.ella_builder
     elsewhere = unet.clone()
     elsewhere.load_device = torch.device("meta")  # stands in for a second GPU
@@ -571,7 +585,7 @@ def test_models_on_two_devices_get_connectors_of_their_own(env):
 
 
 def test_sampling_a_graph_again_reuses_its_rows_bit_for_bit(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
     pos, neg = encode(env, "a kite over the dunes"), encode(env, "")
@@ -592,7 +606,7 @@ def test_sampling_a_graph_again_reuses_its_rows_bit_for_bit(env):
 
 
 def test_a_seed_gives_the_same_image_whatever_was_sampled_before(env):
-    pack, unet, ella, _, _ = env
+    pack, unet, ella = env.pack, env.unet, env.ella
     neg, dog = encode(env, ""), encode(env, "a (dog:1.2) asleep on a rug")
     used = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     sample(used, encode(env, "a cat"), neg, sampler="dpmpp_2m", steps=3)  # leaves the negative's rows kept
@@ -602,7 +616,7 @@ def test_a_seed_gives_the_same_image_whatever_was_sampled_before(env):
 
 
 def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
-    unet = env[1]
+    unet = env.unet
     model, builder = scheduled_model(env, max_rows=20)  # room for one run's rows (2 prompts x 5 steps) twice
     import comfy.sample
     import comfy.samplers
@@ -619,8 +633,8 @@ def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
 
 
 def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
-    pack, unet, ella, _, _ = env
-    if not pack.nodes.host.CALC_COND_BATCH:
+    pack, unet, ella = env.pack, env.unet, env.ella
+    if not pack.nodes.host.HOST.keyed:
         pytest.skip("2024-03 host: the connector has no ModelPatcher of its own")
     import comfy.model_management as mm
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
@@ -636,7 +650,7 @@ def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
                                     {"timestep_start": 1.0}, {"timestep_end": 1.5}, {"timestep_start": 1e39},
                                     {"timestep_start": 2.0, "timestep_end": 0.5}])
 def test_schedule_ranges_are_read_as_comfyui_compares_them(env, bounds):
-    in_range = env[0].nodes.patch._in_range
+    in_range = env.pack.nodes.hooks._in_range
     for sigma in (1.0, 0.5, 2.0, 0.75):
         assert in_range(bounds, sigma) == in_range(bounds, torch.tensor([sigma])), sigma
 
@@ -645,15 +659,39 @@ def test_rows_asked_for_off_the_schedule_do_not_push_out_the_runs_own(env):
     model, builder = scheduled_model(env, max_rows=2 * 4)  # exactly the run's up-front rows: 2 prompts x 4 steps
     pos, neg = encode(env, "a fox in the snow, dpm_2"), encode(env, "")
     sample(model, pos, neg, sampler="dpm_2", steps=4)  # dpm_2 also asks for the midpoints between steps
-    with RowCounter(env[1], builder) as rows:
+    with RowCounter(env.unet, builder) as rows:
         sample(model, pos, neg, sampler="dpm_2", steps=4, seed=1)
     assert rows.counts[0] == 0  # the up-front rows were kept; only the midpoints are computed again
     assert rows.counts[-1] > 0
 
 
-def test_a_run_token_survives_copies_of_the_runs_options(env):
-    import copy
-    token = env[0].nodes.patch._RunToken()
-    options = {"transformer_options": {"ella_nodes_run": token}}
-    assert copy.deepcopy(options)["transformer_options"]["ella_nodes_run"] is token
-    assert copy.copy(token) is token
+def test_a_run_is_bounded_by_the_hosts_own_callbacks_under_ellas_key(env):
+    """Current hosts: the run's start and end come from ON_PRE_RUN / ON_CLEANUP under 'ella_nodes'; ELLA plants
+    nothing in the run's transformer_options; removing ELLA takes the callbacks off."""
+    pack, unet, ella = env.pack, env.unet, env.ella
+    host = pack.nodes.host
+    if not host.HOST.keyed:
+        pytest.skip("2024-03 host: no run lifecycle; each evaluation computes its rows")
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    hook = pack.nodes.patch.ella_hook(model)
+    calls = host.HOST.callbacks
+    assert model.get_callbacks(calls.ON_PRE_RUN, host.KEY) == [hook.start_run]
+    assert model.get_callbacks(calls.ON_CLEANUP, host.KEY) == [hook.end_run]
+    seen = []
+    wrapped = hook.__call__
+
+    def spy(executor, model_, conds, x_in, timestep, model_options):
+        seen.append((hook.builder.cache.in_run, set(model_options["transformer_options"])))
+        return wrapped(executor, model_, conds, x_in, timestep, model_options)
+
+    original = model.get_wrappers(host.HOST.wrapper, host.KEY)
+    model.wrappers[host.HOST.wrapper][host.KEY] = [spy]
+    try:
+        sample(model, encode(env, "a lantern"), encode(env, ""), steps=2)
+    finally:
+        model.wrappers[host.HOST.wrapper][host.KEY] = original
+    assert seen and all(in_run for in_run, _ in seen)
+    assert not any(k.startswith("ella") for _, keys in seen for k in keys)
+    assert not hook.builder.cache.in_run and hook.builder.cache.run_size == 0  # ON_CLEANUP ended it
+    clean = pack.nodes.patch.remove_ella(model)
+    assert not clean.get_callbacks(calls.ON_PRE_RUN, host.KEY) and not clean.get_callbacks(calls.ON_CLEANUP, host.KEY)

@@ -42,20 +42,33 @@ def test_comfyui_loader_registers_our_nodes(tmp_path):
 
 @needs_host
 def test_every_input_has_a_tooltip_and_every_node_a_description():
+    """Every input has a tooltip; descriptions and tooltips name only nodes that exist, and each ELLA value's
+    input says which node of the pack gives it."""
+    import re
     pack = boot(HOST)
-    for cls in pack.NODE_CLASS_MAPPINGS.values():
-        assert len(cls.DESCRIPTION) > 40
+    shown = {pack.NODE_DISPLAY_NAME_MAPPINGS[k]: cls for k, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    makers = {t: name for name, cls in shown.items() for t in cls.RETURN_TYPES}
+    for name, cls in shown.items():
+        texts = [cls.DESCRIPTION]
+        assert cls.DESCRIPTION.strip().endswith("."), name
         for group in cls.INPUT_TYPES().values():
-            for name, spec in group.items():
-                assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+            for input_name, spec in group.items():
+                tooltip = spec[1].get("tooltip")
+                assert tooltip, f"{cls.__name__}.{input_name} has no tooltip"
+                texts.append(tooltip)
+                kind = spec[0]
+                if isinstance(kind, str) and kind.startswith("ELLA_"):  # the pack's own types
+                    assert f"'{makers[kind]}'" in tooltip, f"{cls.__name__}.{input_name} does not name {makers[kind]}"
+        for quoted in re.findall(r"'([A-Z][^']+)'", " ".join(texts)):
+            assert quoted in shown or quoted in {"CLIP Text Encode"}, f"{name} names a node that is not there: {quoted}"
 
 
 @needs_host
 def test_ella_conditioning_on_an_unpatched_model_is_explained(tmp_path):
     pack = boot(HOST)
     import comfy.sd
-    from comfy_host import save_tiny_unet
     from ella_pack.ella import EllaError
+    from tiny_sd import save_tiny_unet
 
     import nodes
     payload = pack.nodes.payload

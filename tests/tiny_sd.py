@@ -1,5 +1,7 @@
-"""Tiny random-weight models a real ComfyUI server loads: an SD1.5 checkpoint (one-level UNet, full-size
-CLIP-L text model and VAE, since ComfyUI builds those from fixed configs) and a matching ControlNet."""
+"""The one place tests and the bench build SD1.5-architecture models with random weights: a tiny UNet
+checkpoint, a whole tiny SD1.5 checkpoint (one-level UNet, full-size CLIP-L text model and VAE, since ComfyUI
+builds those from fixed configs) and a matching ControlNet, and a ComfyUI model in memory (tiny or SD1.5's
+full layout). Imports ComfyUI only inside its functions (boot the host first)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ from safetensors.torch import save_file
 
 VAE_CONFIG = {"z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4],
               "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-UNET_CONFIG = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
-                   channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
-                   transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, legacy=False,
-                   use_linear_in_transformer=False)
+# SD1.5's channel layout, attention at the first two levels only (still detected as SD15; see DESIGN.md)
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
+                 use_spatial_transformer=True, legacy=False, use_linear_in_transformer=False, adm_in_channels=None)
+# one level, one res block, one transformer: 25.8 M parameters, detected as SD15
+UNET_CONFIG = dict(SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
 
 
 def scaled_random(module: torch.nn.Module, prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -30,6 +35,51 @@ def scaled_random(module: torch.nn.Module, prefix: str, gen: torch.Generator) ->
             value = torch.zeros(p.shape)
         out[prefix + name] = value.to(torch.float16)
     return out
+
+
+def save_tiny_unet(path: Path, context_dim: int = 768, linear: bool = False, seed: int = 0) -> Path:
+    """The tiny UNet (N(0, 0.02^2) weights) alone as a checkpoint, which ComfyUI detects as SD15 (or as SD2
+    with context_dim 1024 and linear transformers)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    heads = dict(num_heads=8, num_head_channels=-1) if context_dim == 768 else dict(num_heads=-1, num_head_channels=64)
+    unet = UNetModel(**dict(UNET_CONFIG, context_dim=context_dim, use_linear_in_transformer=linear, **heads),
+                     operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator().manual_seed(seed)
+    state = {f"model.diffusion_model.{k}": torch.randn(v.shape, generator=gen) * 0.02
+             for k, v in unet.state_dict().items()}
+    if linear:  # ComfyUI reads SD2's prediction type off this key of the full-size UNet
+        state["model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"] = torch.zeros(320)
+    save_file(state, str(path))
+    return path
+
+
+def random_sd15(tiny: bool, dtype: torch.dtype | None = None):
+    """A ComfyUI SD1.5 model (ModelPatcher) of the tiny or the full layout with variance-preserving random
+    weights, stored and computing in `dtype` if given, else in what ComfyUI picks for a real SD1.5 file here."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG if tiny else SD15_UNET))
+    device = mm.get_torch_device()
+    if dtype is None:
+        dtype = mm.unet_dtype(model_params=860_000_000)
+        config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device))
+    else:
+        config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -58,7 +108,7 @@ def save_tiny_controlnet(path: Path, seed: int = 1) -> Path:
     import comfy.cldm.cldm
     import comfy.ops
 
-    config = {k: v for k, v in UNET_CONFIG.items() if k != "out_channels"}
+    config = {k: v for k, v in UNET_CONFIG.items() if k not in ("out_channels", "adm_in_channels")}
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
     save_file(scaled_random(net, "control_model.", torch.Generator().manual_seed(seed)), str(path))
     return path

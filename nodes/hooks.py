@@ -1,0 +1,170 @@
+"""ELLA's two hooks: each model evaluation gets the ELLA context of its own sigma.
+
+`CondBatchHook` (current hosts) rewrites each conditioning entry before ComfyUI batches them; the host tells
+it when a sampling run starts and ends, and the run's schedule lets it compute the rows of a whole run up
+front. `ModelFunctionHook` (2024-03 host) swaps the context into the batched model call. `host.py` installs
+the one its host takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import comfy.conds
+import comfy.utils
+import torch
+
+from .context import ContextBuilder
+from .payload import KEY, EllaPrompt
+
+
+def _with_clip(ella: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """ELLA's tokens followed by CLIP's, in the ELLA tokens' dtype and device."""
+    clip = comfy.utils.repeat_to_batch_size(clip, ella.shape[0]).to(ella.device, ella.dtype)
+    return torch.cat([ella, clip], dim=1)
+
+
+class CondBatchHook:
+    """CALC_COND_BATCH wrapper: replaces each ELLA entry's c_crossattn before ComfyUI batches entries. The
+    connector's own ModelPatcher places it; the host's run callbacks (`start_run`, `end_run`) bound a run."""
+
+    def __init__(self, builder: ContextBuilder) -> None:
+        self.builder = builder
+        self._in_run = False
+        self._timestep_of: dict[float, float] | None = None  # the run's scheduled sigmas -> timesteps, once read
+        self._planned: set[tuple] = set()
+
+    def __deepcopy__(self, memo: dict) -> CondBatchHook:  # ModelPatcher.clone deep-copies model_options
+        return self
+
+    def to(self, device_or_dtype: Any) -> CondBatchHook:
+        """Current hosts call this on wrappers before and after every run (offload device at the end). The
+        connector's own ModelPatcher places it, with memory accounting, so nothing moves here."""
+        return self
+
+    def start_run(self, patcher: Any = None) -> None:
+        """ON_PRE_RUN: a sampling run begins (its schedule is read at its first evaluation)."""
+        self._in_run, self._timestep_of, self._planned = True, None, set()
+        self.builder.start_run()
+
+    def end_run(self, patcher: Any = None) -> None:
+        """ON_CLEANUP: the run is over; its own rows go (rows kept across runs stay)."""
+        self._in_run, self._timestep_of, self._planned = False, None, set()
+        self.builder.end_run()
+
+    def __call__(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
+                 timestep: torch.Tensor, model_options: dict) -> Any:
+        ella = [e for cond in conds if cond is not None for e in cond if KEY in e["model_conds"]]
+        entries = [e for e in ella if _in_range(e, timestep)]
+        if entries:
+            if self._in_run:
+                self._prefill(model, ella, model_options)
+            contexts = self._contexts(model, entries, timestep)
+            conds = [None if cond is None else [contexts.get(id(e), e) for e in cond] for cond in conds]
+        return executor(model, conds, x_in, timestep, model_options)
+
+    def _prefill(self, model: Any, ella: list[dict], model_options: dict) -> None:
+        """Once per sampling run (and per entry): the rows of each ELLA entry at the run's scheduled sigmas
+        inside its timestep range, computed in batched passes."""
+        if self._timestep_of is None:
+            sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+            if sigmas is None:
+                return
+            positive = sigmas[sigmas > 0]
+            self._timestep_of = dict(zip(positive.float().tolist(),
+                                         model.model_sampling.timestep(positive).float().tolist(), strict=True))
+        wanted = []
+        for entry in ella:
+            prompt = entry["model_conds"][KEY].cond[0]
+            plan = (prompt.key, entry.get("timestep_start"), entry.get("timestep_end"))
+            if plan not in self._planned:
+                self._planned.add(plan)
+                wanted.append((prompt, [t for sigma, t in self._timestep_of.items() if _in_range(entry, sigma)]))
+        if wanted:
+            self.builder.prefill(wanted)
+
+    def _contexts(self, model: Any, entries: list[dict], sigmas: torch.Tensor) -> dict[int, dict]:
+        prompts = [e["model_conds"][KEY].cond[0] for e in entries]
+        values = sigmas.float().tolist()  # the one device-to-host read of an evaluation
+        uniform = values.count(values[0]) == len(values)
+        scheduled = self._timestep_of.get(values[0]) if uniform and self._timestep_of else None
+        looked_up = None if scheduled is None else self.builder.lookup(prompts, scheduled)
+        if looked_up is not None:  # a scheduled sigma: rows computed up front, no device work here
+            rows, found = 1, looked_up
+        else:
+            timesteps = model.model_sampling.timestep(sigmas).float()
+            rows = 1 if uniform else len(values)
+            found = self.builder.rows([p for p in prompts for _ in range(rows)],
+                                      timesteps[:rows].repeat(len(prompts))).split(rows)
+        out = {}
+        for entry, prompt, context in zip(entries, prompts, found, strict=True):
+            model_conds = {k: v for k, v in entry["model_conds"].items() if k != KEY}
+            if prompt.clip_tokens:
+                context = _with_clip(context, model_conds["c_crossattn"].cond)
+            model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
+            out[id(entry)] = {**entry, "model_conds": model_conds}
+        return out
+
+
+def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:
+    """Whether ComfyUI will run this entry at this sigma: an evaluation's [B] sigmas, of which
+    get_area_and_mult compares the first row as a tensor, or a schedule's sigma as a float32 value (the
+    tensor comparison rounds the bound to float32 too)."""
+    start, end = entry.get("timestep_start"), entry.get("timestep_end")
+    if start is None and end is None:
+        return True
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma[0]
+    else:
+        start, end = _float32(start), _float32(end)
+    return not ((start is not None and sigma > start) or (end is not None and sigma < end))
+
+
+def _float32(value: float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: a float32 tensor compares it as infinity
+        return math.copysign(math.inf, value)
+
+
+class ModelFunctionHook:
+    """model_function_wrapper: swaps the batched c_crossattn at model-call time; calls `inner` if set. The
+    connector follows the UNet (`to`, and the device of each call's input)."""
+
+    def __init__(self, builder: ContextBuilder, base_model: Any, inner: Callable | None) -> None:
+        self.builder = builder
+        self.base_model = base_model  # the BaseModel ComfyUI calls: its model_sampling turns sigma to timestep
+        self.inner = inner
+
+    def __deepcopy__(self, memo: dict) -> ModelFunctionHook:  # clones share the builder and the BaseModel
+        return ModelFunctionHook(self.builder, self.base_model, copy.deepcopy(self.inner, memo))
+
+    def to(self, device_or_dtype: Any) -> ModelFunctionHook:
+        """Follow the UNet when the host moves model patches (dtype is fixed at Apply ELLA)."""
+        if not isinstance(device_or_dtype, torch.dtype):
+            self.builder.place(device_or_dtype)
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device_or_dtype)
+        return self
+
+    def __call__(self, apply_model: Callable, args: dict) -> torch.Tensor:
+        c = args["c"]
+        if KEY in c:
+            c = dict(c)
+            prompts: tuple[EllaPrompt, ...] = c.pop(KEY)
+            self.builder.place(args["input"].device)
+            timesteps = self.base_model.model_sampling.timestep(args["timestep"]).float()
+            context = self.builder.rows(prompts, timesteps)
+            if prompts[0].clip_tokens:
+                context = _with_clip(context, c["c_crossattn"])
+            c["c_crossattn"] = context
+            args = {**args, "c": c}
+        if self.inner is not None:
+            return self.inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
