@@ -142,13 +142,30 @@ class _EllaPipeline(StableDiffusionPipeline):
         mask = encoded.connector_mask[..., None].to(encoded.features.dtype)
         return torch.cat([encoded.features, mask], dim=-1)
 
+    def check_inputs(self, prompt, height, width, callback_steps, negative_prompt=None, prompt_embeds=None,
+                     negative_prompt_embeds=None, *args: object, **kwargs: object) -> None:
+        """diffusers' checks, except that prompt_embeds and negative_prompt_embeds may differ in token length
+        and in form (plain T5 features or with the mask channel): encode_prompt brings them to one."""
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]:
+                raise EllaError(f"prompt_embeds has {prompt_embeds.shape[0]} rows but negative_prompt_embeds has "
+                                f"{negative_prompt_embeds.shape[0]}; give one negative row per prompt row.")
+            if negative_prompt is not None:
+                raise EllaError("Give negative_prompt or negative_prompt_embeds, not both.")
+            negative_prompt_embeds = None  # checked here; the stock check wants equal shapes
+        super().check_inputs(prompt, height, width, callback_steps, negative_prompt, prompt_embeds,
+                             negative_prompt_embeds, *args, **kwargs)
+
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                       lora_scale=None, clip_skip=None):
         """Prompts (and negative prompts, "" by default) through T5 in one call, one row per image.
 
-        `prompt_embeds` / `negative_prompt_embeds`, if given, are `encode_t5` outputs (or plain T5 features);
-        lora_scale and clip_skip are CLIP options and are ignored."""
+        `prompt_embeds` / `negative_prompt_embeds`, if given, are `encode_t5` outputs [B, L, D + 1] or plain T5
+        features [B, L, D] (every token attended, as in the reference); lora_scale and clip_skip are CLIP options
+        and are ignored."""
+        prompt_embeds = self._with_mask(prompt_embeds, "prompt_embeds")
+        negative_prompt_embeds = self._with_mask(negative_prompt_embeds, "negative_prompt_embeds")
         negatives = []
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             count = len(prompt_list(prompt)) if prompt_embeds is None else prompt_embeds.shape[0]
@@ -167,6 +184,18 @@ class _EllaPipeline(StableDiffusionPipeline):
         negative_prompt_embeds = self._per_image(negative_prompt_embeds, num_images_per_prompt, device)
         return self._same_length(prompt_embeds, negative_prompt_embeds)
 
+    def _with_mask(self, embeds: torch.Tensor | None, name: str) -> torch.Tensor | None:
+        """`embeds` with the connector mask channel: plain T5 features [B, L, D] get an all-ones mask."""
+        if embeds is None:
+            return None
+        width = self.connector.config.input_dim
+        if embeds.ndim != 3 or embeds.shape[-1] not in (width, width + 1):
+            raise EllaError(f"{name} has shape {tuple(embeds.shape)}; expected T5 features [batch, tokens, {width}] "
+                            f"or pipe.encode_t5(...) output [batch, tokens, {width + 1}] (features + mask channel).")
+        if embeds.shape[-1] == width + 1:
+            return embeds
+        return torch.cat([embeds, embeds.new_ones(*embeds.shape[:2], 1)], dim=-1)
+
     @staticmethod
     def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
         negatives = prompt_list("" if negative_prompt is None else negative_prompt)
@@ -183,9 +212,6 @@ class _EllaPipeline(StableDiffusionPipeline):
         """Pad prompt and negative features to one token length with masked-out (all-zero) tokens."""
         if a.shape[1] == b.shape[1]:
             return a, b
-        if a.shape[-1] != self.connector.config.input_dim + 1 or b.shape[-1] != a.shape[-1]:
-            raise EllaError(f"prompt_embeds ({a.shape[1]} tokens) and negative prompt features ({b.shape[1]} tokens) "
-                            "differ in length and carry no mask channel; pass encode_t5 outputs instead.")
         length = max(a.shape[1], b.shape[1])
         return tuple(torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x in (a, b))
 

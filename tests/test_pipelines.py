@@ -201,3 +201,30 @@ def test_prompt_weights_travel_in_the_mask_channel(parts: dict, cls: type) -> No
     assert not np.array_equal(generate(pipe, "a (red:4) cat"), plain)
     pipe.weighted_prompts = False  # literal brackets for those who want them
     assert not torch.equal(pipe.encode_t5(["a (red:2) cat"]), pipe.encode_t5(["a red cat"]))
+
+
+@pytest.mark.parametrize("cls", [EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline])
+def test_prompt_embeds_plain_or_with_the_mask_channel_give_the_prompts_images(parts: dict, cls: type) -> None:
+    pipe = make_pipe(parts, cls)
+    prompt = "Two red apples and a green pear on a wooden table next to a blue ceramic vase."
+    expected = generate(pipe, prompt, seed=5)
+    plain = parts["t5"].encode([prompt], max_length=cls.t5_max_length).features  # [1, L, 32]
+    packed = pipe.encode_t5([prompt])  # [1, L, 33]
+    assert plain.shape[-1] == CONNECTOR.input_dim and packed.shape[-1] == CONNECTOR.input_dim + 1
+    for embeds in (plain, packed):
+        np.testing.assert_allclose(generate(pipe, None, seed=5, prompt_embeds=embeds), expected, atol=1e-5)
+    negative = parts["t5"].encode([""], max_length=cls.t5_max_length).features  # plain, shorter in flexible mode
+    both = generate(pipe, None, seed=5, prompt_embeds=packed, negative_prompt_embeds=negative)
+    np.testing.assert_allclose(both, expected, atol=1e-5)
+    assert not np.allclose(generate(pipe, None, seed=5, prompt_embeds=plain, negative_prompt="a dog"), expected,
+                           atol=1e-4)
+
+
+def test_prompt_embeds_of_the_wrong_width_raise_a_clear_error(parts: dict) -> None:
+    pipe = make_pipe(parts, EllaFixedDiffusionPipeline)
+    with pytest.raises(ella.EllaError, match=r"prompt_embeds has shape \(1, 128, 31\); expected T5 features"):
+        generate(pipe, None, prompt_embeds=torch.zeros(1, 128, 31))
+    with pytest.raises(ella.EllaError, match=r"negative_prompt_embeds has shape \(1, 4, 40\)"):
+        generate(pipe, None, prompt_embeds=torch.zeros(1, 128, 32), negative_prompt_embeds=torch.zeros(1, 4, 40))
+    with pytest.raises(ella.EllaError, match="prompt_embeds has 2 rows but negative_prompt_embeds has 1"):
+        generate(pipe, None, prompt_embeds=torch.zeros(2, 128, 32), negative_prompt_embeds=torch.zeros(1, 128, 32))
