@@ -17,15 +17,22 @@ This module needs `diffusers`; `import ella` does not import it.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from .connector import Connector
+from .connector_folder import CONFIG_NAME, load_connector_folder, save_connector_folder, weights_name
 from .connector_loading import load_connector
-from .errors import EllaError
+from .containment import Roots, contained, default_roots
+from .errors import EllaError, EllaLoadError, fenced
 from .t5 import T5Encoder, load_t5
+from .t5_files import TOKENIZER_NAMES, read_small_text
 from .t5_tokenizer import prompt_list
 
 try:
@@ -39,6 +46,9 @@ except ImportError as e:
 __all__ = ["EllaFixedDiffusionPipeline", "EllaFlexDiffusionPipeline", "EllaUNet", "FIXED_LENGTH"]
 
 FIXED_LENGTH = 128
+CONNECTOR_FOLDER = "ELLA"  # the pipeline component name diffusers-format ELLA folders use
+T5_FOLDER = "t5"
+log = logging.getLogger("ELLA")
 
 
 class EllaUNet(torch.nn.Module):
@@ -120,20 +130,70 @@ class _EllaPipeline(StableDiffusionPipeline):
         return self.unet.connector
 
     @classmethod
-    def from_pretrained(cls, sd_path: str | os.PathLike, ella_path: str | os.PathLike, t5_path: str | os.PathLike,
-                        *, t5_dtype: torch.dtype | str | None = None, t5_tokenizer: str | os.PathLike | None = None,
-                        **kwargs: object) -> _EllaPipeline:
-        """Load a local diffusers Stable Diffusion 1.x folder (local files only, without its CLIP text encoder), the ELLA
-        connector file and a T5 folder or file. `kwargs` go to StableDiffusionPipeline.from_pretrained
-        (e.g. torch_dtype, safety_checker=None); the connector takes the UNet's dtype, T5 takes `t5_dtype`
-        (None: float32 on CPU). Move everything with `.to("cuda")` afterwards."""
-        kwargs["local_files_only"] = True
-        sd = StableDiffusionPipeline.from_pretrained(sd_path, text_encoder=None, tokenizer=None, **kwargs)
+    def from_pretrained(cls, path: str | os.PathLike, ella_path: str | os.PathLike | None = None,
+                        t5_path: str | os.PathLike | None = None, *, t5_dtype: torch.dtype | str | None = None,
+                        t5_tokenizer: str | os.PathLike | None = None, **kwargs: object) -> _EllaPipeline:
+        """Load a local diffusers folder: one that `save_pretrained` wrote (model_index.json, unet/, vae/,
+        scheduler/, t5/, ELLA/), or a Stable Diffusion 1.x folder (its CLIP is not loaded) with an `ELLA/`
+        connector folder inside (the seed's layout) or `ella_path` (a connector .safetensors file or a
+        diffusers-format ELLA folder: config.json + diffusion_pytorch_model.safetensors), and a `t5/` folder inside
+        or `t5_path` (a T5 folder or file). Local files only; only safetensors weights, never pickles; every file
+        of the folder must resolve inside it. `kwargs` go to StableDiffusionPipeline.from_pretrained
+        (e.g. torch_dtype, safety_checker=None, variant); the connector takes the UNet's dtype, T5 takes
+        `t5_dtype` (None: float32 on CPU). Move everything with `.to("cuda")` afterwards."""
+        folder = Path(path).expanduser()
+        roots = [folder]
+        variant = kwargs.get("variant")
+        _check_pipeline_folder(folder, roots, variant)
+        kwargs |= {"local_files_only": True, "use_safetensors": True}
+        with fenced(folder, "a diffusers Stable Diffusion 1.x folder (model_index.json, unet/, vae/, scheduler/)"):
+            sd = StableDiffusionPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, **kwargs)
         device, dtype = sd.unet.device, sd.unet.dtype
-        connector = load_connector(ella_path, device=device, dtype=dtype)
-        t5 = load_t5(t5_path, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype)
+        connector = _load_any_connector(folder, roots, ella_path, variant, device, dtype)
+        if t5_path is None:
+            t5_folder = folder / T5_FOLDER
+            if not (t5_folder / "config.json").is_file():
+                raise EllaLoadError(f"{folder}: no T5 encoder: {T5_FOLDER}/config.json is missing (a folder written by "
+                                    "save_pretrained holds t5/ with config.json, model.safetensors, tokenizer.json); "
+                                    "pass t5_path= (a FLAN-T5-XL folder or file).")
+            t5 = load_t5(t5_folder, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype, roots=roots)
+        else:
+            t5 = load_t5(t5_path, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype)
         return cls(**sd.components, t5=t5, connector=connector,
                    requires_safety_checker=sd.config.requires_safety_checker)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, **kwargs: object) -> None:
+        """Write a complete diffusers folder that `from_pretrained(save_directory)` loads alone:
+        model_index.json, unet/, vae/, scheduler/ (and any safety checker), t5/ (the T5 encoder as
+        config.json + model.safetensors, with its tokenizer file) and ELLA/ (the connector: config.json +
+        diffusion_pytorch_model.safetensors in the released key layout). Safetensors only."""
+        if not safe_serialization:
+            raise EllaError("ELLA pipelines save safetensors only (safe_serialization=True); pickles are never written.")
+        if kwargs.get("push_to_hub"):
+            raise EllaError("push_to_hub is not supported; save locally and upload the folder.")
+        folder = Path(save_directory)
+        plain = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=None, tokenizer=None, unet=self.unet.unet, scheduler=self.scheduler,
+            safety_checker=self.safety_checker, feature_extractor=self.feature_extractor,
+            image_encoder=self.image_encoder, requires_safety_checker=self.config.requires_safety_checker)
+        plain.save_pretrained(folder, safe_serialization=True, variant=variant)
+        self._save_t5(folder / T5_FOLDER)
+        save_connector_folder(self.connector, folder / CONNECTOR_FOLDER, variant)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index |= {"_class_name": type(self).__name__, T5_FOLDER: ["transformers", "T5EncoderModel"],
+                  CONNECTOR_FOLDER: ["ella", "Connector"]}
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        log.info("ELLA: saved pipeline to %s", folder)
+
+    def _save_t5(self, folder: Path) -> None:
+        tokenizer = Path(self.t5.tokenizer.path)
+        if tokenizer.name not in TOKENIZER_NAMES:
+            raise EllaError(f"Cannot save the T5 tokenizer {tokenizer}: expected a file named one of "
+                            f"{', '.join(TOKENIZER_NAMES)}.")
+        self.t5.model.save_pretrained(folder, safe_serialization=True)
+        shutil.copyfile(tokenizer, folder / tokenizer.name)
 
     def encode_t5(self, texts: str | Sequence[str]) -> torch.Tensor:
         """T5 features of prompts with the connector mask (token weights when the prompt has ComfyUI
@@ -226,3 +286,57 @@ class EllaFlexDiffusionPipeline(_EllaPipeline):
     """ELLA for Stable Diffusion 1.x with each prompt read at its own T5 length (up to 512 tokens)."""
 
     t5_max_length = None
+
+
+_SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+
+
+def _check_pipeline_folder(folder: Path, roots: Roots, variant: str | None) -> None:
+    """Refuse a folder that is not a local diffusers SD folder, naming what is missing, before diffusers reads it;
+    every file diffusers will open must resolve inside the folder and be safetensors."""
+    if not folder.is_dir():
+        raise EllaLoadError(f"{folder}: not a folder; expected a diffusers pipeline folder (model_index.json, unet/, "
+                            "vae/, scheduler/), e.g. one written by save_pretrained.")
+    index = folder / "model_index.json"
+    missing = [] if index.is_file() else ["model_index.json"]
+    for part, config in _SD_PARTS.items():
+        names = [config] if part == "scheduler" else [config, weights_name(variant)]
+        for name in names:
+            file = folder / part / name
+            if not file.is_file():
+                pickled = file.with_suffix(".bin")
+                if pickled.exists():
+                    raise EllaLoadError(f"{pickled}: pickled weights are not loaded (nothing is unpickled); expected "
+                                        f"{file.name}. Convert the folder to safetensors.")
+                missing.append(f"{part}/{name}")
+            else:
+                contained(file, roots)
+    if missing:
+        raise EllaLoadError(f"{folder}: not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
+                            "Expected a folder written by save_pretrained (model_index.json, unet/, vae/, scheduler/, "
+                            "t5/, ELLA/) or a diffusers SD1.x folder.")
+    with fenced(index, "model_index.json"):
+        data = json.loads(read_small_text(index, roots, "model_index.json"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    for part in ("safety_checker", "feature_extractor", "image_encoder"):
+        entry = data.get(part)
+        if isinstance(entry, list) and entry and entry[0] is not None and (folder / part).is_dir():
+            for file in (folder / part).iterdir():
+                contained(file, roots)
+
+
+def _load_any_connector(folder: Path, roots: Roots, ella_path: str | os.PathLike | None, variant: str | None,
+                        device: torch.device, dtype: torch.dtype) -> Connector:
+    """The connector from `ella_path` (a .safetensors file or a connector folder) or the folder's ELLA/."""
+    if ella_path is not None:
+        ella_path = Path(ella_path).expanduser()
+        if ella_path.is_dir():
+            return load_connector_folder(ella_path, roots=default_roots(ella_path), variant=variant,
+                                         device=device, dtype=dtype)
+        return load_connector(ella_path, device=device, dtype=dtype)
+    inside = folder / CONNECTOR_FOLDER
+    if not inside.is_dir():
+        raise EllaLoadError(f"{folder}: no ELLA connector: the folder {CONNECTOR_FOLDER}/ (with {CONFIG_NAME} and "
+                            f"{weights_name(variant)}) is missing; pass ella_path= (ella-sd1.5-tsc-t5xl.safetensors).")
+    return load_connector_folder(inside, roots=roots, variant=variant, device=device, dtype=dtype)

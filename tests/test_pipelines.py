@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from connector_fixtures import TINY, save_connector
+from connector_fixtures import TINY, random_connector_state, save_connector
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -20,6 +21,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from safetensors import safe_open
 from t5_fixtures import make_t5_folder
 
 import ella
@@ -228,3 +230,113 @@ def test_prompt_embeds_of_the_wrong_width_raise_a_clear_error(parts: dict) -> No
         generate(pipe, None, prompt_embeds=torch.zeros(1, 128, 32), negative_prompt_embeds=torch.zeros(1, 4, 40))
     with pytest.raises(ella.EllaError, match="prompt_embeds has 2 rows but negative_prompt_embeds has 1"):
         generate(pipe, None, prompt_embeds=torch.zeros(2, 128, 32), negative_prompt_embeds=torch.zeros(1, 128, 32))
+
+
+@pytest.mark.parametrize("cls", [EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline])
+def test_save_pretrained_writes_a_folder_from_pretrained_loads_alone(parts: dict, cls: type, tmp_path: Path) -> None:
+    pipe = make_pipe(parts, cls, "ddim")
+    expected = generate(pipe, seed=4)
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "t5/config.json",
+                 "t5/model.safetensors", "t5/tokenizer.json", "ELLA/config.json",
+                 "ELLA/diffusion_pytorch_model.safetensors"):
+        assert (saved / name).is_file(), name
+    assert not list(saved.rglob("*.bin"))
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == cls.__name__ and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    with safe_open(saved / "ELLA/diffusion_pytorch_model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(random_connector_state(CONNECTOR))  # the released key layout
+    config = json.loads((saved / "ELLA/config.json").read_text())
+    assert config | {"_class_name": "ELLA"} == config and config["layers"] == 2 and config["input_dim"] == 32
+    loaded = cls.from_pretrained(saved)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.scheduler, DDIMScheduler) and isinstance(loaded.unet, EllaUNet)
+    assert np.array_equal(generate(loaded, seed=4), expected)
+    other = (EllaFlexDiffusionPipeline if cls is EllaFixedDiffusionPipeline else EllaFixedDiffusionPipeline)
+    twin = other.from_pretrained(saved)  # the twin loads the same folder, in its own token-length mode
+    twin.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(twin, seed=4), generate(make_pipe(parts, other, "ddim"), seed=4))
+
+
+def test_save_pretrained_refuses_pickles(parts: dict, tmp_path: Path) -> None:
+    with pytest.raises(ella.EllaError, match="safetensors only"):
+        make_pipe(parts).save_pretrained(tmp_path / "x", safe_serialization=False)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def saved(parts: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pipeline folder written by save_pretrained (copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("saved") / "pipe"
+    make_pipe(parts, EllaFixedDiffusionPipeline, "ddim").save_pretrained(folder)
+    return folder
+
+
+def broken_copy(saved: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved, folder)
+    return folder
+
+
+def test_a_folder_that_is_not_a_pipeline_gets_an_error_naming_what_is_missing(saved: Path, tmp_path: Path) -> None:
+    folder = broken_copy(saved, tmp_path)
+    (folder / "unet/diffusion_pytorch_model.safetensors").unlink()
+    (folder / "model_index.json").unlink()
+    with pytest.raises(ella.EllaLoadError, match=r"missing model_index.json, unet/diffusion_pytorch_model.safetensors"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(ella.EllaLoadError, match="not a folder"):
+        EllaFixedDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_folder_without_connector_or_t5_names_them(saved: Path, tmp_path: Path) -> None:
+    folder = broken_copy(saved, tmp_path)
+    shutil.rmtree(folder / "t5")
+    with pytest.raises(ella.EllaLoadError, match=r"no T5 encoder: t5/config.json is missing.*t5_path="):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    shutil.rmtree(folder / "ELLA")
+    with pytest.raises(ella.EllaLoadError, match=r"no ELLA connector: the folder ELLA/ .* is missing; pass ella_path="):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+
+
+def test_pickled_weights_are_refused_by_name_never_opened(saved: Path, tmp_path: Path) -> None:
+    folder = broken_copy(saved, tmp_path)
+    weights = folder / "ELLA/diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ella.EllaLoadError, match=r"ELLA/diffusion_pytorch_model.bin: pickled weights are not loaded"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    unet = folder / "unet/diffusion_pytorch_model.safetensors"
+    unet.rename(unet.with_suffix(".bin"))
+    with pytest.raises(ella.EllaLoadError, match=r"unet/diffusion_pytorch_model.bin: pickled weights are not loaded"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+
+
+def test_a_connector_config_that_disagrees_with_its_weights_is_refused(saved: Path, tmp_path: Path) -> None:
+    folder = broken_copy(saved, tmp_path)
+    config_path = folder / "ELLA/config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"layers": 6}))
+    with pytest.raises(ella.EllaLoadError, match=r"ELLA/config.json: does not match .*layers 6 \(the weights have 2\)"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    config_path.write_text(json.dumps(config | {"heads": "eight"}))
+    with pytest.raises(ella.EllaLoadError, match=r"ELLA/config.json: heads is 'eight'"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    config_path.write_text("{not json")
+    with pytest.raises(ella.EllaLoadError, match=r"ELLA/config.json: cannot read the ELLA connector's config.json"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+
+
+def test_files_linked_from_outside_the_folder_are_not_opened(saved: Path, tmp_path: Path) -> None:
+    folder = broken_copy(saved, tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    weights = folder / "ELLA/diffusion_pytorch_model.safetensors"
+    weights.rename(outside)
+    weights.symlink_to(outside)
+    with pytest.raises(ella.EllaLoadError, match="outside the model folder"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
+    unet = folder / "unet/diffusion_pytorch_model.safetensors"
+    unet.rename(tmp_path / "unet.safetensors")
+    unet.symlink_to(tmp_path / "unet.safetensors")
+    with pytest.raises(ella.EllaLoadError, match=r"unet/diffusion_pytorch_model.safetensors.*outside the model folder"):
+        EllaFixedDiffusionPipeline.from_pretrained(folder)
