@@ -22,6 +22,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors import safe_open
+from safetensors.torch import save_file
 from t5_fixtures import make_t5_folder
 
 import ella
@@ -340,3 +341,44 @@ def test_files_linked_from_outside_the_folder_are_not_opened(saved: Path, tmp_pa
     unet.symlink_to(tmp_path / "unet.safetensors")
     with pytest.raises(ella.EllaLoadError, match=r"unet/diffusion_pytorch_model.safetensors.*outside the model folder"):
         EllaFixedDiffusionPipeline.from_pretrained(folder)
+
+
+def write_seed_folder(parts: dict, folder: Path, connector_state: dict[str, torch.Tensor]) -> Path:
+    """A folder as the seed's EllaFixedDiffusionPipeline.save_pretrained writes it: a diffusers SD1.5 folder whose
+    model_index.json lists its CLIP and an `ELLA` component, and ELLA/ holding the diffusers ModelMixin files of the
+    seed's ELLA module (config.json with its __init__ arguments, diffusion_pytorch_model.safetensors whose keys are
+    the released layout). The seed saves no T5: it always reads google/flan-t5-xl."""
+    StableDiffusionPipeline(vae=parts["vae"], text_encoder=None, tokenizer=None, unet=parts["unet"],
+                            scheduler=SCHEDULERS["ddim"](), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"_class_name": "EllaFixedDiffusionPipeline", "ELLA": ["diffusers", "ELLA"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "ELLA").mkdir()
+    save_file(connector_state, str(folder / "ELLA/diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    config = {"_class_name": "ELLA", "_diffusers_version": "0.27.0.dev0", "act_fn": "silu", "heads": 8,
+              "input_dim": CONNECTOR.input_dim, "layers": CONNECTOR.num_blocks, "num_latents": CONNECTOR.num_latents,
+              "out_dim": None, "time_channel": CONNECTOR.time_channels, "time_embed_dim": CONNECTOR.time_embed_dim,
+              "width": CONNECTOR.width}
+    (folder / "ELLA/config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("cls", [EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline])
+def test_a_folder_in_the_seeds_layout_loads_and_gives_the_three_path_images(parts: dict, cls: type,
+                                                                             tmp_path: Path) -> None:
+    state = random_connector_state(CONNECTOR, seed=11)
+    seed_folder = write_seed_folder(parts, tmp_path / "seed", state)
+    save_file(state, str(tmp_path / "same.safetensors"))
+    three = cls.from_pretrained(seed_folder, tmp_path / "same.safetensors", parts["t5_path"])
+    from_seed = cls.from_pretrained(seed_folder, t5_path=parts["t5_path"])  # the seed saves no T5
+    elsewhere = cls.from_pretrained(seed_folder, seed_folder / "ELLA", parts["t5_path"])  # a diffusers ELLA folder
+    images = []
+    for pipe in (three, from_seed, elsewhere):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(generate(pipe, seed=2))
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    assert not np.allclose(images[0], generate(make_pipe(parts, cls, "ddim"), seed=2), atol=1e-4)  # other weights
+    with pytest.raises(ella.EllaLoadError, match=r"no T5 encoder: t5/config.json is missing"):
+        cls.from_pretrained(seed_folder)
