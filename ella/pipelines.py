@@ -195,9 +195,23 @@ class _EllaPipeline(StableDiffusionPipeline):
         self.t5.model.save_pretrained(folder, safe_serialization=True)
         shutil.copyfile(tokenizer, folder / tokenizer.name)
 
+    def enable_sequential_cpu_offload(self, *args: object, **kwargs: object) -> None:
+        """Refused: T5 and the connector read their device off their weights, which this mode leaves on 'meta'."""
+        raise EllaError("enable_sequential_cpu_offload is not supported on ELLA pipelines (T5 and the connector would "
+                        "run on weights left on the 'meta' device); use pipe.enable_model_cpu_offload() instead.")
+
+    def load_lora_weights(self, *args: object, **kwargs: object) -> None:
+        """Refused: LoRA loading does not reach the UNet inside the EllaUNet wrapper."""
+        raise EllaError("load_lora_weights is not supported on ELLA pipelines (the UNet sits inside pipe.unet, an "
+                        "EllaUNet). Load and fuse the LoRA on a StableDiffusionPipeline first (sd.load_lora_weights(...); "
+                        "sd.fuse_lora()), then build the ELLA pipeline from sd.components.")
+
     def encode_t5(self, texts: str | Sequence[str]) -> torch.Tensor:
         """T5 features of prompts with the connector mask (token weights when the prompt has ComfyUI
         weighting markup such as `(red dress:1.3)`) as an extra last channel: [N, L, d_model + 1]."""
+        hook = getattr(self.t5, "_hf_hook", None)  # enable_model_cpu_offload: bring T5 in (it has no forward call)
+        if hook is not None:
+            hook.pre_forward(self.t5)
         encoded = self.t5.encode(texts, max_length=self.t5_max_length, weighted=self.weighted_prompts)
         mask = encoded.connector_mask[..., None].to(encoded.features.dtype)
         return torch.cat([encoded.features, mask], dim=-1)

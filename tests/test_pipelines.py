@@ -382,3 +382,24 @@ def test_a_folder_in_the_seeds_layout_loads_and_gives_the_three_path_images(part
     assert not np.allclose(images[0], generate(make_pipe(parts, cls, "ddim"), seed=2), atol=1e-4)  # other weights
     with pytest.raises(ella.EllaLoadError, match=r"no T5 encoder: t5/config.json is missing"):
         cls.from_pretrained(seed_folder)
+
+
+def test_model_cpu_offload_installs_hooks_and_gives_the_same_images(parts: dict) -> None:
+    pytest.importorskip("accelerate", reason="enable_model_cpu_offload needs accelerate")
+    expected = generate(make_pipe(parts, EllaFixedDiffusionPipeline))
+    pipe = make_pipe(parts, EllaFixedDiffusionPipeline)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(hasattr(m, "_hf_hook") for m in (pipe.t5, pipe.unet, pipe.vae))
+    calls = []
+    pipe.t5._hf_hook.pre_forward = lambda module, *a, _f=pipe.t5._hf_hook.pre_forward, **k: calls.append(1) or _f(
+        module, *a, **k)
+    assert np.array_equal(generate(pipe), expected)
+    assert calls  # encode_t5 brought T5 in through its offload hook (T5 has no forward call)
+
+
+def test_sequential_offload_and_lora_are_refused_clearly(parts: dict) -> None:
+    pipe = make_pipe(parts)
+    with pytest.raises(ella.EllaError, match="enable_sequential_cpu_offload is not supported.*enable_model_cpu_offload"):
+        pipe.enable_sequential_cpu_offload()
+    with pytest.raises(ella.EllaError, match="load_lora_weights is not supported.*fuse_lora"):
+        pipe.load_lora_weights("some-lora.safetensors")
