@@ -32,7 +32,7 @@ from .connector_loading import load_connector
 from .containment import Roots, contained, default_roots
 from .errors import EllaError, EllaLoadError, fenced
 from .t5 import T5Encoder, load_t5
-from .t5_files import TOKENIZER_NAMES, read_small_text
+from .t5_files import TOKENIZER_NAMES, read_small_text, shard_files
 from .t5_tokenizer import prompt_list
 
 try:
@@ -338,6 +338,8 @@ def _check_pipeline_folder(folder: Path, roots: Roots, variant: str | None) -> N
         if isinstance(entry, list) and entry and entry[0] is not None and (folder / part).is_dir():
             for file in (folder / part).iterdir():
                 contained(file, roots)
+    for index in folder.glob("*/*.safetensors.index*.json"):  # diffusers/transformers prefer an index if present
+        shard_files(index, roots)
 
 
 def _load_any_connector(folder: Path, roots: Roots, ella_path: str | os.PathLike | None, variant: str | None,

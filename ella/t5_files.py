@@ -144,6 +144,12 @@ def _weights_in_folder(folder: Path, roots: Roots) -> WeightFiles:
 
 
 def _sharded(index: Path, config: Path | None, roots: Roots) -> WeightFiles:
+    return WeightFiles(tuple(shard_files(index, roots)), index, config, index.parent, False)
+
+
+def shard_files(index: Path, roots: Roots) -> list[Path]:
+    """The shard files a safetensors index (`weight_map`) names, each checked to resolve inside `roots` and to
+    exist, before any is opened."""
     text = read_small_text(index, roots, "a safetensors shard index")
     try:
         with fenced(index, "a safetensors shard index (model.safetensors.index.json)"):
@@ -162,7 +168,7 @@ def _sharded(index: Path, config: Path | None, roots: Roots) -> WeightFiles:
         )
     if not files:
         raise EllaLoadError(f"{index}: the shard index lists no files; download it again.")
-    return WeightFiles(tuple(files), index, config, index.parent, False)
+    return files
 
 
 def tokenizer_places(weights: WeightFiles) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from open_audit import outside, recorded_opens
 from safetensors import safe_open
 from safetensors.torch import save_file
 from t5_fixtures import make_t5_folder
@@ -341,6 +343,21 @@ def test_files_linked_from_outside_the_folder_are_not_opened(saved: Path, tmp_pa
     unet.symlink_to(tmp_path / "unet.safetensors")
     with pytest.raises(ella.EllaLoadError, match=r"unet/diffusion_pytorch_model.safetensors.*outside the model folder"):
         EllaFixedDiffusionPipeline.from_pretrained(folder)
+
+
+def test_a_shard_index_whose_entries_lead_out_is_refused_before_anything_is_opened(saved: Path, tmp_path: Path) -> None:
+    """diffusers reads unet/diffusion_pytorch_model.safetensors.index.json in preference to the single file."""
+    folder = broken_copy(saved, tmp_path)
+    escaped = tmp_path / "outside.safetensors"
+    (folder / "unet/diffusion_pytorch_model.safetensors").rename(escaped)
+    (folder / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"")
+    entry = os.path.relpath(escaped, folder / "unet")
+    (folder / "unet/diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"conv_in.weight": entry}}))
+    with recorded_opens() as opens:
+        with pytest.raises(ella.EllaLoadError, match=r"weight_map: .*outside the model folder"):
+            EllaFixedDiffusionPipeline.from_pretrained(folder)
+    assert not outside(opens, folder)
 
 
 def write_seed_folder(parts: dict, folder: Path, connector_state: dict[str, torch.Tensor]) -> Path:
