@@ -15,13 +15,19 @@ def contained(path: Path, roots: Roots, entry: str | None = None) -> Path:
     """`path` if it resolves (links followed) inside one of `roots`; else an EllaLoadError naming the file,
     the `entry` (e.g. an index's weight_map value, a refs/main revision) that led there, and the roots.
     Nothing is opened: only the path is resolved."""
-    target = Path(os.path.realpath(path))
+    try:
+        target = Path(os.path.realpath(path))
+    except (OSError, ValueError) as e:  # a NUL byte in an index entry, a link loop
+        raise EllaLoadError(f"{path!r}{_via(entry)}: not a usable file name ({e}); not opened.") from None
     if any(target.is_relative_to(os.path.realpath(r)) for r in roots):
         return path
-    via = f" (entry {entry!r})" if entry is not None else ""
     where = ", ".join(str(r) for r in roots) or "no folder"
-    raise EllaLoadError(f"{path}{via}: leads to {target}, outside the model folder ({where}); not opened. "
+    raise EllaLoadError(f"{path}{_via(entry)}: leads to {target}, outside the model folder ({where}); not opened. "
                         "Keep every file of a model inside its model folder.")
+
+
+def _via(entry: str | None) -> str:
+    return f" (entry {entry!r})" if entry is not None else ""
 
 
 def default_roots(*paths: str | os.PathLike | None) -> list[Path]:

@@ -39,6 +39,7 @@ _EMBED = "shared.weight"
 _TIED = "encoder.embed_tokens.weight"
 _IGNORED = ("decoder.", "lm_head.")
 _FLOAT_STORAGE = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+MAX_LAYERS = 128
 _CHECKED_FIELDS = ("num_layers", "d_model", "num_heads", "d_kv", "d_ff", "vocab_size",
                    "relative_attention_num_buckets", "is_gated_act")
 _DTYPES = {
@@ -274,12 +275,24 @@ def infer_t5_config(shapes: dict[str, tuple[int, ...]], *, label: Path | str = "
     d_ff_key = ff + ("wi_0.weight" if gated else "wi.weight")
     if d_ff_key not in shapes or not shapes[d_ff_key]:
         raise _key_error(label, [d_ff_key], [], None)
-    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.") and k.split(".")[2].isdigit())
+    layers = _layer_count(shapes, label)
     return T5Config(
         vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=shapes[d_ff_key][0], num_layers=layers,
         num_heads=heads, relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False,
     )
+
+
+def _layer_count(shapes: dict[str, tuple[int, ...]], label: Path | str) -> int:
+    """The number of encoder blocks the weights hold: their indices must be exactly 0..n-1, n at most
+    MAX_LAYERS, so that a key such as `encoder.block.99999999.…` never makes a model of that depth."""
+    found = {k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}
+    indices = {int(i) for i in found if i.isascii() and i.isdigit() and len(i) <= 4}
+    if found != {str(i) for i in indices} or indices != set(range(len(indices))) or len(indices) > MAX_LAYERS:
+        shown = sorted(found, key=lambda i: (len(i), i))[-3:]
+        raise EllaLoadError(f"{label}: encoder blocks numbered {', '.join(repr(i) for i in shown)} …; expected blocks "
+                            f"0 to n-1 with n at most {MAX_LAYERS} (FLAN-T5-XL has 24), as in {EXPECTED}.")
+    return len(indices)
 
 
 def _read_config(path: Path, roots: Roots) -> T5Config:

@@ -434,3 +434,29 @@ def test_non_finite_connector_output_never_reaches_the_unet(folders, tmp_path):
     clean = pack.nodes.context.ContextBuilder(ella.load_connector(save_connector(tmp_path / "ok.safetensors")),
                                               pack.nodes.row_cache.RowCache())
     assert torch.isfinite(clean.rows([prompt], torch.tensor([999.0]))).all()
+
+
+@pytest.mark.parametrize(("block", "shown"), [("99999999", "'99999999'"), ("²", "'²'"), ("7", "'7'")])
+def test_encoder_block_numbers_are_checked_before_any_module_is_built(tmp_path, block, shown):
+    """A single encoder file has no config: its depth comes from its keys, so one stray key must not ask for
+    a model 100 million blocks deep (or crash on a digit that int() refuses, or leave a gap)."""
+    from t5_fixtures import tiny_t5_config, tiny_t5_state_dict
+    state = tiny_t5_state_dict(tiny_t5_config())
+    extra = next(k for k in state if k.startswith("encoder.block.0."))
+    state[extra.replace("block.0.", f"block.{block}.", 1)] = state[extra].clone()
+    folder = make_t5_folder(tmp_path, "single", state_dict=state)
+    start = time.perf_counter()
+    with pytest.raises(ella.EllaLoadError, match=rf"encoder blocks numbered .*{shown}.*expected blocks 0 to n-1"):
+        ella.load_t5(folder)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_shard_index_entry_with_a_nul_byte_is_a_clear_error(tmp_path):
+    folder = make_t5_folder(tmp_path, "hf_sharded")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "model-00001\x00.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(ella.EllaLoadError, match=r"weight_map: .*not a usable file name"):
+        ella.load_t5(folder)
