@@ -142,14 +142,14 @@ def _group_weight(text: str, start: int, end: int, outer: float, pairs: dict[int
         value = math.nan
     if math.isnan(value):
         if raw:
-            warnings.append(f"weight {raw!r} is not a number; '({text[start:end]})' kept as text at weight "
-                            f"{_short(outer * BARE_GROUP)}")
+            warnings.append(f"weight {_cut(raw)!r} is not a number; '({_cut(text[start:end])})' kept as text at "
+                            f"weight {_short(outer * BARE_GROUP)}")
         return end, outer * BARE_GROUP
     if value < 0:
-        warnings.append(f"weight {raw} is negative; used 0 (the tokens are ignored)")
+        warnings.append(f"weight {_cut(raw)} is negative; used 0 (the tokens are ignored)")
         value = 0.0
     elif value > MAX_WEIGHT:
-        warnings.append(f"weight {raw} is above {_short(MAX_WEIGHT)}; used {_short(MAX_WEIGHT)}")
+        warnings.append(f"weight {_cut(raw)} is above {_short(MAX_WEIGHT)}; used {_short(MAX_WEIGHT)}")
         value = MAX_WEIGHT
     return colon, value
 
@@ -172,3 +172,9 @@ def _last_top_level_colon(text: str, start: int, end: int, pairs: dict[int, int]
 
 def _short(value: float) -> str:
     return f"{value:g}"
+
+
+def _cut(part: str, limit: int = 40) -> str:
+    """A piece of the prompt for a warning, cut to `limit` characters (groups nest: a warning must not hold its
+    whole group, or nested groups would make the warnings quadratic in the prompt's length)."""
+    return part if len(part) <= limit else part[:limit] + "…"

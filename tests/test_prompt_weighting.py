@@ -188,3 +188,12 @@ def test_plain_text_is_what_t5_reads(tmp_path: Path, models: tuple) -> None:
     text = r"a (red dress:1.3) and \(brackets\)"
     assert plain_text(text) == "a red dress and (brackets)"
     assert torch.equal(t5.tokenize([text], weighted=True).input_ids, t5.tokenize([plain_text(text)]).input_ids)
+
+
+def test_warnings_quote_a_bounded_piece_of_the_prompt():
+    """Groups nest: a warning that quoted its whole group would make nested bad weights quadratic in memory."""
+    levels = 3000
+    text = "(" * levels + "x" + ":y)" * levels
+    parsed = parse_weighted(text)
+    assert len(parsed.warnings) >= levels  # one per group (and one for the capped nesting)
+    assert max(len(w) for w in parsed.warnings) < 200
