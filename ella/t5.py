@@ -284,15 +284,16 @@ def infer_t5_config(shapes: dict[str, tuple[int, ...]], *, label: Path | str = "
 
 
 def _layer_count(shapes: dict[str, tuple[int, ...]], label: Path | str) -> int:
-    """The number of encoder blocks the weights hold: their indices must be exactly 0..n-1, n at most
-    MAX_LAYERS, so that a key such as `encoder.block.99999999.…` never makes a model of that depth."""
+    """1 + the highest encoder block number in the weights, at most MAX_LAYERS: a key such as
+    `encoder.block.99999999.…` must never make a model of that depth (missing blocks are named later, by
+    the key check)."""
     found = {k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}
-    indices = {int(i) for i in found if i.isascii() and i.isdigit() and len(i) <= 4}
-    if found != {str(i) for i in indices} or indices != set(range(len(indices))) or len(indices) > MAX_LAYERS:
+    numbers = {int(i) for i in found if i.isascii() and i.isdigit() and len(i) <= 4}
+    if found != {str(i) for i in numbers} or not numbers or max(numbers) >= MAX_LAYERS:
         shown = sorted(found, key=lambda i: (len(i), i))[-3:]
-        raise EllaLoadError(f"{label}: encoder blocks numbered {', '.join(repr(i) for i in shown)} …; expected blocks "
-                            f"0 to n-1 with n at most {MAX_LAYERS} (FLAN-T5-XL has 24), as in {EXPECTED}.")
-    return len(indices)
+        raise EllaLoadError(f"{label}: encoder blocks numbered {', '.join(repr(i) for i in shown)} …; expected "
+                            f"blocks numbered 0 to at most {MAX_LAYERS - 1} (FLAN-T5-XL has 0 to 23), as in {EXPECTED}.")
+    return 1 + max(numbers)
 
 
 def _read_config(path: Path, roots: Roots) -> T5Config:
