@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import compute_device
+
 
 @dataclass(frozen=True)
 class ConnectorConfig:
@@ -176,7 +178,7 @@ class Connector(nn.Module):
         """features [B, L, input_dim]; timesteps: scalar or [B] (0..999 DDPM index);
         mask [B, L], True/1 = real token. Without a mask every token is attended, as in the reference."""
         batch, length = features.shape[:2]
-        device, dtype = self.device, self.dtype
+        device, dtype = compute_device(self.connector, self.connector.latents), self.dtype
         features = features.to(device, dtype)
         t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch)
         bias = None if mask is None else token_bias(mask.to(device), self.config.num_latents, dtype)

@@ -195,11 +195,6 @@ class _EllaPipeline(StableDiffusionPipeline):
         self.t5.model.save_pretrained(folder, safe_serialization=True)
         shutil.copyfile(tokenizer, folder / tokenizer.name)
 
-    def enable_sequential_cpu_offload(self, *args: object, **kwargs: object) -> None:
-        """Refused: T5 and the connector read their device off their weights, which this mode leaves on 'meta'."""
-        raise EllaError("enable_sequential_cpu_offload is not supported on ELLA pipelines (T5 and the connector would "
-                        "run on weights left on the 'meta' device); use pipe.enable_model_cpu_offload() instead.")
-
     def load_lora_weights(self, *args: object, **kwargs: object) -> None:
         """Refused: LoRA loading does not reach the UNet inside the EllaUNet wrapper."""
         raise EllaError("load_lora_weights is not supported on ELLA pipelines (the UNet sits inside pipe.unet, an "

@@ -21,6 +21,7 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 from .containment import Roots, default_roots
+from .devices import compute_device
 from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
 from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
@@ -115,7 +116,7 @@ class T5Encoder(torch.nn.Module):
         `connector_mask` carries each token's weight. `interrupt` is called before each encoder block;
         whatever it raises stops the encode (a host's interrupt check)."""
         tokens = self.tokenize(texts, max_length, weighted)
-        device = self.model.shared.weight.device  # where the inputs are read, whatever moved the weights
+        device = compute_device(self.model.shared, self.model.shared.weight)  # whatever moved the weights
         mask = tokens.mask.to(device)
         hooks = [] if interrupt is None else [
             block.register_forward_pre_hook(lambda *_: interrupt()) for block in self.model.encoder.block]

@@ -232,3 +232,9 @@ def test_device_and_dtype_follow_the_weights_and_a_host_may_set_device():
     assert connector.device == torch.device("cpu")  # the weights did not move: the answer says where they are
     connector.to("meta")
     assert connector.device == torch.device("meta")
+
+
+def test_weights_left_on_meta_without_an_offload_hook_are_a_clear_error():
+    connector = ella.Connector(TINY).to("meta")
+    with pytest.raises(ella.EllaError, match="weights of PerceiverResampler are on the 'meta' device"):
+        connector(torch.zeros(1, 3, TINY.input_dim), 500.0)

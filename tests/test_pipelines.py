@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -414,9 +415,25 @@ def test_model_cpu_offload_installs_hooks_and_gives_the_same_images(parts: dict)
     assert calls  # encode_t5 brought T5 in through its offload hook (T5 has no forward call)
 
 
-def test_sequential_offload_and_lora_are_refused_clearly(parts: dict) -> None:
+def test_sequential_cpu_offload_gives_the_same_images(parts: dict) -> None:
+    """Weights wait on 'meta' and come in layer by layer; T5 and the connector compute where accelerate runs them."""
+    pytest.importorskip("accelerate", reason="enable_sequential_cpu_offload needs accelerate")
+    expected = generate(make_pipe(parts, EllaFixedDiffusionPipeline))
+    own = {name: copy.deepcopy(parts[name]) for name in ("vae", "unet", "t5", "connector")}
+    pipe = make_pipe(parts | own, EllaFixedDiffusionPipeline)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    for module in (m for component in own.values() for m in component.modules()):
+        outer = getattr(module, "_hf_hook", None)
+        for hook in getattr(outer, "hooks", (outer,) if outer else ()):
+            # diffusers names the CPU "cpu:0", to which .to() copies (a GPU's "cuda:0" matches its tensors, no copy);
+            # a copy turns accelerate's reloaded Parameters into plain tensors it cannot park again. Plain "cpu" here.
+            hook.execution_device = torch.device("cpu")
+    assert pipe.t5.model.shared.weight.device.type == "meta"
+    assert pipe.connector.connector.latents.device.type == "meta"
+    assert np.array_equal(generate(pipe), expected)
+
+
+def test_lora_is_refused_clearly(parts: dict) -> None:
     pipe = make_pipe(parts)
-    with pytest.raises(ella.EllaError, match="enable_sequential_cpu_offload is not supported.*enable_model_cpu_offload"):
-        pipe.enable_sequential_cpu_offload()
     with pytest.raises(ella.EllaError, match="load_lora_weights is not supported.*fuse_lora"):
         pipe.load_lora_weights("some-lora.safetensors")
