@@ -73,11 +73,11 @@ def read_workflow(path: str | os.PathLike) -> dict:
 def _png_workflow(path: Path) -> str:
     from PIL import Image
 
-    with fenced(path, "a PNG image"):
-        with Image.open(path) as image:
-            image.MAX_TEXT_CHUNK = MAX_WORKFLOW_CHARS
-            image.load()
-            text = image.info.get("workflow")
+    try:
+        with fenced(path, "a PNG image"), Image.open(path) as image:
+            text = image.info.get("workflow")  # PIL caps each text chunk (1 MB) and all of them (64 MB)
+    except EllaError as e:
+        raise ConversionError(str(e)) from None
     if text is None:
         raise ConversionError(f"{path}: this PNG holds no workflow (no 'workflow' text chunk). Images saved by "
                               "ComfyUI carry one; images that went through other programs may have lost it.")
@@ -188,8 +188,8 @@ class _Converter:
         if rule.get("ella_first"):
             a, b = (self._kind_of(self.original[0].get((node["id"], name))) for name in rule["inputs"])
             if (a == "t5") == (b == "t5"):
-                return ("it joins two T5 prompts (or none); this pack has no counterpart. Use Conditioning Combine "
-                        "to apply two ELLA prompts" if a == "t5" else "neither input holds a T5 prompt")
+                return ("it joins two T5 prompts, which has no counterpart here (Conditioning Combine applies two "
+                        "ELLA prompts)" if a == "t5" else "neither of its inputs holds a T5 prompt")
         if "embeds" in rule.get("inputs", {}) and rule["to"] == "EllaNodes_TextEncode":
             if self._kind_of(self.original[0].get((node["id"], "embeds"))) == "t5":
                 return "its embeds input already holds a T5 prompt, which this node would replace"

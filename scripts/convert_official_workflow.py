@@ -10,11 +10,15 @@ and listed here.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The converter is plain JSON work: load `ella/` as a bare package, without its __init__ (which loads torch)
+_package = importlib.util.module_from_spec(importlib.util.spec_from_loader("ella", loader=None, is_package=True))
+_package.__path__ = [str(Path(__file__).resolve().parents[1] / "ella")]
+sys.modules.setdefault("ella", _package)
 
 from ella.official_workflow import ConversionError, NothingToConvert, convert, read_workflow  # noqa: E402
 
