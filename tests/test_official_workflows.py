@@ -237,3 +237,23 @@ def test_converted_workflow_runs_over_http(server, name):
     assert "rejected" not in entry, entry
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     assert len(server.images(entry)) == 1
+
+
+@needs_host
+def test_the_pages_route_converts_with_the_same_converter(server):
+    import urllib.error
+    import urllib.request
+    workflow = og.ella_plus_clip()
+    status, reply = server.post("/ella/convert_official", workflow)
+    assert status == 200, reply
+    assert reply["workflow"] == ow.convert(workflow).workflow and reply["converted"] and reply["kept"] == []
+    ours = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    for body, message in ((["a", "list"], "a workflow is a JSON object"), ({"nodes": "x"}, "must be lists"),
+                          (ours, "no ComfyUI-ELLA nodes")):
+        status, reply = server.post("/ella/convert_official", body)
+        assert status == 400 and message in reply["error"], reply
+    request = urllib.request.Request(server.url + "/ella/convert_official", b'{"nodes": [', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400 and "not valid JSON" in json.loads(caught.value.read())["error"]
+    assert server.get("/system_stats")  # the server serves on
