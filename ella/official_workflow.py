@@ -141,33 +141,39 @@ Source = tuple[int, int]  # (node id, output slot)
 
 
 class _Converter:
-    """One conversion: connections are kept by input name while nodes change, and written back at the end."""
+    """One conversion: connections are kept per node and input name while nodes change, and written back at the
+    end. `conn[target][input name] = (origin node, origin slot)`."""
 
     def __init__(self, workflow: dict, table: dict) -> None:
         self.wf, self.table, self.rules = workflow, table, table["official"]
         self.nodes: dict[int, dict] = {n["id"]: n for n in workflow["nodes"]}
         self.result = Result(workflow)
         links = {link[0]: link for link in workflow.get("links", [])}
-        self.old_links = {(lk[1], lk[2], lk[3], lk[4]): lk for lk in links.values()}
-        # (target node, input name) -> source; inputs named as on the node now
-        self.conn: dict[tuple[int, str], Source] = {}
-        self.input_types: dict[tuple[int, str], str] = {}
+        self.old_links = {(lk[1], lk[2], lk[3], lk[4]): lk[0] for lk in links.values()}
+        self.conn: dict[int, dict[str, Source]] = {nid: {} for nid in self.nodes}
+        self.input_types: dict[int, dict[str, str]] = {nid: {} for nid in self.nodes}
         for node in workflow["nodes"]:
             for slot in node.get("inputs", []):
                 link = links.get(slot.get("link"))
-                if link is not None and link[1] in self.nodes and "name" in slot:
-                    self.conn[(node["id"], slot["name"])] = (link[1], link[2])
-                    self.input_types[(node["id"], slot["name"])] = str(slot.get("type", ""))
+                if link is not None and link[1] in self.nodes and isinstance(slot.get("name"), str):
+                    self.conn[node["id"]][slot["name"]] = (link[1], link[2])
+                    self.input_types[node["id"]][slot["name"]] = str(slot.get("type", ""))
         self.redirect: dict[Source, Source | None] = {}  # outputs of removed or changed official slots
         self.todo = official_nodes(workflow, table)
         self.next_id = max([workflow.get("last_node_id") or 0, *self.nodes]) + 1
         # what the official graph says, read before any node changes
-        self.original = (dict(self.conn), {nid: n["type"] for nid, n in self.nodes.items()})
+        self.original = {nid: dict(inputs) for nid, inputs in self.conn.items()}
+        self.types = {nid: n["type"] for nid, n in self.nodes.items()}
+        self.users: dict[Source, list[int]] = {}
+        for target, inputs in self.original.items():
+            for source in inputs.values():
+                self.users.setdefault(source, []).append(target)
         loader = self.rules["T5TextEncoderLoader #ELLA"]
         self.max_lengths = {nid: self._official_values(n, loader).get("max_length") for nid, n in self.nodes.items()
                             if n["type"] == "T5TextEncoderLoader #ELLA"}
         self.feeds_encoders = {n["id"] for n in self.todo if n["type"] == "SetEllaTimesteps"
-                               and self._feeds_encoders(n["id"], 0)}
+                               and self._feeds_encoders(n["id"], set())}
+        self.patched: dict[Source, int] = {}  # model source -> the Apply ELLA put on it for Set ELLA Timesteps
 
     # --- the steps
     def run(self) -> Result:
@@ -176,31 +182,32 @@ class _Converter:
             reason = self._unmappable(node, rule)
             if reason:
                 self._keep(node, reason)
-                continue
-            if rule["to"] is None:
+            elif rule["to"] is None:
                 self._remove(node, rule)
             else:
                 self._replace(node, rule)
+        self._take_patched_models()
+        self.wf["nodes"] = [n for n in self.wf["nodes"] if n["id"] in self.nodes]  # removed ones go
         self._write_links()
         return self.result
 
     def _unmappable(self, node: dict, rule: dict) -> str | None:
+        inputs = self.original[node["id"]]
         if rule.get("ella_first"):
-            a, b = (self._kind_of(self.original[0].get((node["id"], name))) for name in rule["inputs"])
+            a, b = (self._kind_of(inputs.get(name)) for name in rule["inputs"])
             if (a == "t5") == (b == "t5"):
                 return ("it joins two T5 prompts, which has no counterpart here (Conditioning Combine applies two "
                         "ELLA prompts)" if a == "t5" else "neither of its inputs holds a T5 prompt")
         if "embeds" in rule.get("inputs", {}) and rule["to"] == "EllaNodes_TextEncode":
-            if self._kind_of(self.original[0].get((node["id"], "embeds"))) == "t5":
+            if self._kind_of(inputs.get("embeds")) == "t5":
                 return "its embeds input already holds a T5 prompt, which this node would replace"
         return None
 
     def _kind_of(self, source: Source | None, depth: int = 0) -> str:
         """'t5' if the official ELLA_EMBEDS (or conditioning) at `source` holds a T5 prompt, else 'clip'."""
-        conn, types = self.original
         if source is None or depth > 100:
             return "none"
-        kind = types.get(source[0])
+        kind = self.types.get(source[0])
         if kind not in self.rules:
             return "clip"
         if kind in ("T5TextEncode #ELLA", "EllaTextEncode") and source[1] == 0:
@@ -208,8 +215,18 @@ class _Converter:
         rule = self.rules[kind]
         names = [out[len("input:"):] for out in rule["outputs"] if isinstance(out, str) and out.startswith("input:")]
         names += list(rule.get("inputs", {})) if rule["to"] == "ConditioningConcat" else []
-        found = [self._kind_of(conn.get((source[0], name)), depth + 1) for name in names]
+        found = [self._kind_of(self.original[source[0]].get(name), depth + 1) for name in names]
         return "t5" if "t5" in found else "clip"
+
+    def _feeds_encoders(self, nid: int, seen: set[int]) -> bool:
+        """Whether official ELLA Encode / ELLA Text Encode nodes take this node's ELLA (in the original graph)."""
+        seen.add(nid)
+        for target in self.users.get((nid, 0), []):
+            kind = self.types.get(target)
+            if kind in ("EllaEncode", "EllaTextEncode") or (
+                    kind == "SetEllaTimesteps" and target not in seen and self._feeds_encoders(target, seen)):
+                return True
+        return False
 
     def _replace(self, node: dict, rule: dict) -> None:
         nid, target = node["id"], self.table["targets"][rule["to"]]
@@ -217,90 +234,67 @@ class _Converter:
         renames = dict(rule.get("inputs", {}))
         if rule.get("ella_first"):
             first, second = renames
-            if self._kind_of(self.original[0].get((nid, first))) != "t5":
+            if self._kind_of(self.original[nid].get(first)) != "t5":
                 renames = {first: renames[second], second: renames[first]}
         # widgets turned into inputs (a Primitive node feeding the text) stay linked
         renames.update({theirs: ours for ours, theirs in rule.get("values", {}).items() if isinstance(theirs, str)})
+        inputs, types = self.conn[nid], self.input_types[nid]
         for slot, out in enumerate(rule["outputs"]):
             if isinstance(out, int):
                 if out != slot:
                     self.redirect[(nid, slot)] = (nid, out)
             elif out.startswith("input:"):
-                self.redirect[(nid, slot)] = self._input_source(node, out[len("input:"):])
-        clip_source = self._input_source(node, rule["clip_text"]["clip"]) if "clip_text" in rule else None
-        for name in [n for (i, n) in list(self.conn) if i == nid]:
-            source = self.conn.pop((nid, name))
-            kind = self.input_types.pop((nid, name), "")
-            if name in renames:
-                self.conn[(nid, renames[name])] = source
-                self.input_types[(nid, renames[name])] = kind
+                self.redirect[(nid, slot)] = inputs.get(out[len("input:"):])
+        clip_source = inputs.get(rule["clip_text"]["clip"]) if "clip_text" in rule else None
+        self.conn[nid] = {renames[name]: src for name, src in inputs.items() if name in renames}
+        self.input_types[nid] = {renames[name]: kind for name, kind in types.items() if name in renames}
         new_values = [self._value(node, rule, widget, values) for widget in target["widgets"]]
         if "clip_text" in rule:
             self._clip_text(node, rule["clip_text"], values, rule["outputs"].index("clip_text"), clip_source)
         old_type = node["type"]
-        node["type"] = rule["to"]
-        node["inputs"] = [{"name": n, "type": t, "link": None} for n, t in target["inputs"]]
+        self._retype(node, rule["to"], new_values)
         for name in target["widgets"]:  # widgets the old node had turned into linked inputs
-            if (nid, name) in self.conn:
-                node["inputs"].append({"name": name, "type": self.input_types.get((nid, name), "STRING"),
+            if name in self.conn[nid]:
+                node["inputs"].append({"name": name, "type": self.input_types[nid].get(name, "STRING"),
                                        "widget": {"name": name}, "link": None})
-        node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i}
-                           for i, (n, t) in enumerate(target["outputs"])]
-        node["widgets_values"] = new_values
-        node.setdefault("properties", {})
-        if isinstance(node["properties"], dict):
-            node["properties"]["Node name for S&R"] = rule["to"]
         self.result.converted.append(f"#{nid} {old_type} -> {rule['to']}")
 
     def _remove(self, node: dict, rule: dict) -> None:
         nid = node["id"]
         for slot, out in enumerate(rule["outputs"]):
-            self.redirect[(nid, slot)] = self._input_source(node, out[len("input:"):])
+            self.redirect[(nid, slot)] = self.conn[nid].get(out[len("input:"):])
         if "apply_ella_on" in rule and self._apply_on(node, rule["apply_ella_on"]):
             return
-        for key in [k for k in self.conn if k[0] == nid]:
-            del self.conn[key]
-        self.wf["nodes"].remove(node)
-        del self.nodes[nid]
+        del self.conn[nid], self.input_types[nid], self.nodes[nid]
         self.result.converted.append(f"#{nid} {node['type']} removed")
 
     def _apply_on(self, node: dict, model_input: str) -> bool:
         """A Set ELLA Timesteps whose ELLA reaches an encode node (conditioning made per step range, no Apply
-        ELLA): it becomes an Apply ELLA on its model, and the other users of that model take the patched one."""
+        ELLA) becomes an Apply ELLA on its model; `_take_patched_models` gives the model's users the patched one."""
         nid = node["id"]
-        model = self._resolve(self.conn.get((nid, model_input)))
+        model = self._resolve(self.conn[nid].get(model_input))
         ella = self._resolve(self.redirect.get((nid, 0)))
-        if model is None or ella is None or nid not in self.feeds_encoders:
-            return False
-        if self.nodes.get(model[0], {}).get("type") == "EllaNodes_ApplyElla":
-            return False  # already patched (a second Set ELLA Timesteps on the same model)
+        if model is None or ella is None or nid not in self.feeds_encoders or model in self.patched:
+            return False  # nothing to patch, or already patched (a second Set ELLA Timesteps on that model)
+        self.patched[model] = nid
         self.redirect.pop((nid, 0))
-        for key, source in list(self.conn.items()):
-            if key[0] == nid:
-                del self.conn[key]
-            elif source == model and self.input_types.get(key) == "MODEL" and \
-                    self.nodes.get(key[0], {}).get("type") != "EllaNodes_ApplyElla":
-                self.conn[key] = (nid, 0)
-        self.conn[(nid, "model")], self.conn[(nid, "ella")] = model, ella
-        self.input_types[(nid, "model")], self.input_types[(nid, "ella")] = "MODEL", "ELLA_CONNECTOR"
-        target = self.table["targets"]["EllaNodes_ApplyElla"]
-        node["type"], node["widgets_values"] = "EllaNodes_ApplyElla", []
-        node["inputs"] = [{"name": n, "type": t, "link": None} for n, t in target["inputs"]]
-        node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i}
-                           for i, (n, t) in enumerate(target["outputs"])]
-        if isinstance(node.setdefault("properties", {}), dict):
-            node["properties"]["Node name for S&R"] = "EllaNodes_ApplyElla"
+        self.conn[nid] = {"model": model, "ella": ella}
+        self.input_types[nid] = {"model": "MODEL", "ella": "ELLA_CONNECTOR"}
+        self._retype(node, "EllaNodes_ApplyElla", [])
         self.result.converted.append(f"#{nid} SetEllaTimesteps -> EllaNodes_ApplyElla (on the sampler's model)")
         return True
 
-    def _feeds_encoders(self, nid: int, depth: int) -> bool:
-        """Whether official ELLA Encode / ELLA Text Encode nodes take this node's ELLA output (in the original)."""
-        conn, types = self.original
-        for (target, _), source in conn.items():
-            if source == (nid, 0) and depth < 100 and (types.get(target) in ("EllaEncode", "EllaTextEncode") or (
-                    types.get(target) == "SetEllaTimesteps" and self._feeds_encoders(target, depth + 1))):
-                return True
-        return False
+    def _take_patched_models(self) -> None:
+        """Every MODEL input fed by a model that got an Apply ELLA for Set ELLA Timesteps takes the patched one."""
+        if not self.patched:
+            return
+        for target, inputs in self.conn.items():
+            if self.nodes[target]["type"] == "EllaNodes_ApplyElla":
+                continue
+            for name, source in inputs.items():
+                resolved = self._resolve(source)
+                if resolved in self.patched and self.input_types[target].get(name) == "MODEL":
+                    inputs[name] = (self.patched[resolved], 0)
 
     def _clip_text(self, node: dict, spec: dict, values: dict, out_slot: int, clip: Source | None) -> None:
         """ELLA Text Encode's CLIP part: a CLIP Text Encode on `clip` feeding clip_conditioning."""
@@ -312,10 +306,10 @@ class _Converter:
                                              "(the official node stopped with an error there)")
             return
         new = self._new_node("CLIPTextEncode", node, [values.get(spec["text"], "")], dy=1)
-        self.conn[(new["id"], "clip")] = clip
-        self.input_types[(new["id"], "clip")] = "CLIP"
-        self.conn[(nid, spec["into"])] = (new["id"], 0)
-        self.input_types[(nid, spec["into"])] = "CONDITIONING"
+        self.conn[new["id"]] = {"clip": clip}
+        self.input_types[new["id"]] = {"clip": "CLIP"}
+        self.conn[nid][spec["into"]] = (new["id"], 0)
+        self.input_types[nid][spec["into"]] = "CONDITIONING"
         self.redirect[(nid, out_slot)] = (new["id"], 0)
 
     def _keep(self, node: dict, reason: str) -> None:
@@ -332,6 +326,17 @@ class _Converter:
         self.result.kept.append(f"#{nid} {node['type']}: {reason}")
 
     # --- helpers
+    def _retype(self, node: dict, kind: str, values: list) -> None:
+        """`node` becomes a `kind` node with these widget values (its links are written at the end)."""
+        target = self.table["targets"][kind]
+        node["type"], node["widgets_values"] = kind, values
+        node["inputs"] = [{"name": n, "type": t, "link": None} for n, t in target["inputs"]]
+        node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i}
+                           for i, (n, t) in enumerate(target["outputs"])]
+        if not isinstance(node.get("properties"), dict):
+            node["properties"] = {}
+        node["properties"]["Node name for S&R"] = kind
+
     def _official_values(self, node: dict, rule: dict) -> dict:
         raw = node.get("widgets_values")
         if isinstance(raw, dict):
@@ -355,12 +360,9 @@ class _Converter:
 
     def _max_length(self, node: dict, input_name: str | None) -> int:
         """The official T5 loader's max_length behind `input_name` (0: flexible)."""
-        source = self.original[0].get((node["id"], input_name)) if input_name else None
+        source = self.original[node["id"]].get(input_name) if input_name else None
         length = self.max_lengths.get(source[0]) if source else None
-        return length if isinstance(length, int) and 0 < length <= 512 else 0
-
-    def _input_source(self, node: dict, name: str) -> Source | None:
-        return self.conn.get((node["id"], name))
+        return length if isinstance(length, int) and not isinstance(length, bool) and 0 < length <= 512 else 0
 
     def _resolve(self, source: Source | None) -> Source | None:
         seen = set()
@@ -370,49 +372,47 @@ class _Converter:
         return source
 
     def _new_node(self, kind: str, near: dict, values: list, dy: int) -> dict:
-        pos = near.get("pos") if isinstance(near.get("pos"), list) and len(near.get("pos")) == 2 else [0, 0]
-        size = near.get("size") if isinstance(near.get("size"), list) and len(near.get("size")) == 2 else [300, 100]
-        target = self.table["targets"].get(kind, {"inputs": [], "outputs": []})
+        pos = near.get("pos") if isinstance(near.get("pos"), list) and len(near["pos"]) == 2 else [0, 0]
+        size = near.get("size") if isinstance(near.get("size"), list) and len(near["size"]) == 2 else [300, 100]
         node = {"id": self.next_id, "type": kind,
                 "pos": [pos[0], pos[1] + (size[1] + 40 if dy > 0 else -140)],
                 "size": [size[0], 100], "flags": {}, "order": near.get("order", 0), "mode": near.get("mode", 0),
-                "inputs": [{"name": n, "type": t, "link": None} for n, t in target["inputs"]],
-                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
-                            for i, (n, t) in enumerate(target["outputs"])],
-                "properties": {"Node name for S&R": kind}, "widgets_values": values}
+                "inputs": [], "outputs": [], "properties": {}, "widgets_values": values}
+        if kind in self.table["targets"]:
+            self._retype(node, kind, values)
         self.next_id += 1
         self.wf["nodes"].append(node)
         self.nodes[node["id"]] = node
+        self.conn[node["id"]], self.input_types[node["id"]] = {}, {}
         return node
 
     def _write_links(self) -> None:
         """Rebuild the links and each node's link fields from the connections; unchanged links keep their id."""
-        next_link = max([self.wf.get("last_link_id") or 0, *(k[0] for k in self.old_links.values())]) + 1
-        links = []
+        next_link = max([self.wf.get("last_link_id") or 0, *self.old_links.values()]) + 1
+        links, used = [], set()
         for node in self.wf["nodes"]:
             for slot in node.get("outputs", []):
                 slot["links"] = []
         for node in self.wf["nodes"]:
-            by_name = {s.get("name"): (i, s) for i, s in enumerate(node.get("inputs", []))}
-            for _, slot in by_name.values():
+            slots = {s.get("name"): (i, s) for i, s in enumerate(node.get("inputs", []))}
+            for _, slot in slots.values():
                 slot["link"] = None
-            for (target, name), source in list(self.conn.items()):
-                if target != node["id"] or name not in by_name:
-                    continue
+            for name, source in self.conn[node["id"]].items():
                 source = self._resolve(source)
                 origin = self.nodes.get(source[0]) if source else None
                 outputs = origin.get("outputs", []) if origin else []
-                if origin is None or source[1] >= len(outputs):
+                if name not in slots or origin is None or not 0 <= source[1] < len(outputs):
                     continue
-                index, slot = by_name[name]
-                old = self.old_links.get((source[0], source[1], node["id"], index))
-                link_id = old[0] if old is not None and old[0] not in {lk[0] for lk in links} else next_link
-                next_link = max(next_link, link_id + 1)
-                kind = outputs[source[1]].get("type", slot.get("type", "*"))
-                links.append([link_id, source[0], source[1], node["id"], index, kind])
+                index, slot = slots[name]
+                link_id = self.old_links.get((source[0], source[1], node["id"], index))
+                if link_id is None or link_id in used:
+                    link_id, next_link = next_link, next_link + 1
+                used.add(link_id)
+                links.append([link_id, source[0], source[1], node["id"], index,
+                              outputs[source[1]].get("type", slot.get("type", "*"))])
                 slot["link"] = link_id
                 outputs[source[1]]["links"].append(link_id)
         links.sort(key=lambda lk: lk[0])
         self.wf["links"] = links
-        self.wf["last_link_id"] = max([self.wf.get("last_link_id") or 0, *(lk[0] for lk in links)])
+        self.wf["last_link_id"] = max([self.wf.get("last_link_id") or 0, *used])
         self.wf["last_node_id"] = max([self.wf.get("last_node_id") or 0, *self.nodes])
