@@ -75,7 +75,7 @@ def _png_workflow(path: Path) -> str:
 
     try:
         with fenced(path, "a PNG image"), Image.open(path) as image:
-            text = image.info.get("workflow")  # PIL caps each text chunk (1 MB) and all of them (64 MB)
+            text = image.info.get("workflow")  # the file is at most MAX_FILE_BYTES; PIL caps compressed chunks
     except EllaError as e:
         raise ConversionError(str(e)) from None
     if text is None:
