@@ -49,6 +49,14 @@ def test_the_graphs_cover_every_official_node_type():
     assert set(TABLE["official"]) <= used
 
 
+def test_readme_and_docs_name_every_official_node():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Coming from ComfyUI-ELLA"):].split("\n## ")[0]
+    docs = (ROOT / "docs" / "official-workflows.md").read_text()
+    for kind, rule in TABLE["official"].items():
+        assert rule["title"] in section and f"`{kind}`" in docs, kind
+
+
 @pytest.mark.parametrize("name", list(EVERY))
 def test_conversion_leaves_no_official_node_and_a_consistent_graph(name):
     result = ow.convert(EVERY[name]())
