@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     host()
     from ella_pack.nodes.host import HOST
     from ella_pack.nodes.patch import ella_builder
-    from ella_pack.nodes.payload import KEY, EllaCond, EllaPrompt
+    from ella_pack.nodes.payload import KEY, STAND_IN, EllaCond, EllaPrompt
 
     import nodes
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def ella_cond(length: int) -> list:
         prompt = EllaPrompt(torch.randn(1, length, cfg.input_dim, generator=gen), torch.ones(1, length, dtype=torch.bool))
-        return [[torch.zeros(1, cfg.num_latents, 768), {"model_conds": {KEY: EllaCond((prompt,))}}]]
+        return [[torch.zeros(1, STAND_IN, 768), {"model_conds": {KEY: EllaCond((prompt,))}}]]  # as ELLA Text Encode
 
     warm_up = (ella_cond(128), ella_cond(1))  # prompts of the untimed runs, so timed "new" prompts stay new
     clip_pos, clip_neg = ([[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(2))

@@ -1,6 +1,7 @@
 """ComfyUI glue of the ELLA pack: node classes, model patching, model folders and the token count route."""
 
 from .apply import ApplyElla
+from .convert_route import register_convert_route
 from .encode import EllaTextEncode
 from .folders import register_folders
 from .loaders import LoadEllaModel, LoadT5Encoder
@@ -8,6 +9,7 @@ from .routes import register_routes
 
 register_folders()
 register_routes()
+register_convert_route()
 
 PREFIX = "EllaNodes_"
 NODE_CLASS_MAPPINGS = {

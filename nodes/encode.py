@@ -6,10 +6,10 @@ import torch
 
 from ..ella import EllaError
 from .loaders import CATEGORY
-from .payload import KEY, EllaCond
+from .payload import KEY, STAND_IN, EllaCond
 from .t5_handle import T5Handle
 
-NUM_LATENTS, CONTEXT_WIDTH = 64, 768  # ELLA-SD1.5's output; a placeholder until the hook replaces it
+CONTEXT_WIDTH = 768  # SD1.5's cross-attention width
 
 
 class EllaTextEncode:
@@ -45,7 +45,7 @@ class EllaTextEncode:
                clip_conditioning: list | None = None) -> tuple[list]:
         prompt = t5.prompt(text, fixed_tokens if token_length == "fixed" else None)
         if clip_conditioning is None:
-            placeholder = torch.zeros(1, NUM_LATENTS, CONTEXT_WIDTH)
+            placeholder = torch.zeros(1, STAND_IN, CONTEXT_WIDTH)  # replaced by ELLA's tokens at every step
             return ([[placeholder, {"model_conds": {KEY: EllaCond((prompt,))}}]],)
         if any(KEY in extras.get("model_conds", {}) for _, extras in clip_conditioning):
             raise EllaError("ELLA Text Encode: clip_conditioning must come from a CLIP Text Encode, "

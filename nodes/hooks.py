@@ -22,10 +22,13 @@ from .context import ContextBuilder
 from .payload import KEY, EllaPrompt
 
 
-def _with_clip(ella: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """ELLA's tokens followed by CLIP's, in the ELLA tokens' dtype and device."""
-    clip = comfy.utils.repeat_to_batch_size(clip, ella.shape[0]).to(ella.device, ella.dtype)
-    return torch.cat([ella, clip], dim=1)
+def _context(ella: torch.Tensor, entry: torch.Tensor, stand_in: int) -> torch.Tensor:
+    """ELLA's tokens followed by the entry's tokens after its stand-in (CLIP's in ELLA + CLIP mode, and what
+    Conditioning Concat appended), in the ELLA tokens' dtype and device."""
+    if entry.shape[1] <= stand_in:
+        return ella
+    tail = comfy.utils.repeat_to_batch_size(entry[:, stand_in:], ella.shape[0]).to(ella.device, ella.dtype)
+    return torch.cat([ella, tail], dim=1)
 
 
 class CondBatchHook:
@@ -103,8 +106,7 @@ class CondBatchHook:
         out = {}
         for entry, prompt, context in zip(entries, prompts, found, strict=True):
             model_conds = {k: v for k, v in entry["model_conds"].items() if k != KEY}
-            if prompt.clip_tokens:
-                context = _with_clip(context, model_conds["c_crossattn"].cond)
+            context = _context(context, model_conds["c_crossattn"].cond, prompt.stand_in)
             model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
             out[id(entry)] = {**entry, "model_conds": model_conds}
         return out
@@ -131,6 +133,25 @@ def _float32(value: float | None) -> float | None:
         return struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:  # beyond float32's range: a float32 tensor compares it as infinity
         return math.copysign(math.inf, value)
+
+
+class EntrySizeHook:
+    """`extra_conds` object patch (2024-03 host): when sampling starts, tells each ELLA entry's payload how many
+    tokens the entry's tensor has (Conditioning Concat may have appended some), so that rows batch only with
+    rows of the same layout and `ModelFunctionHook` knows where each row's stand-in ends. Calls `inner` (another
+    pack's patch) or the model's own method."""
+
+    def __init__(self, base_model: Any, inner: Callable | None) -> None:
+        self.base_model = base_model
+        self.inner = inner
+
+    def __call__(self, **kwargs: Any) -> dict:
+        out = self.inner(**kwargs) if self.inner is not None else type(self.base_model).extra_conds(
+            self.base_model, **kwargs)
+        payload, tokens = kwargs.get("model_conds", {}).get(KEY), kwargs.get("cross_attn")
+        if payload is not None and tokens is not None and KEY not in out:
+            out[KEY] = payload.sized(tokens.shape[1])
+        return out
 
 
 class ModelFunctionHook:
@@ -161,8 +182,7 @@ class ModelFunctionHook:
             self.builder.place(args["input"].device)
             timesteps = self.base_model.model_sampling.timestep(args["timestep"]).float()
             context = self.builder.rows(prompts, timesteps)
-            if prompts[0].clip_tokens:
-                context = _with_clip(context, c["c_crossattn"])
+            context = _context(context, c["c_crossattn"], prompts[0].stand_in)
             c["c_crossattn"] = context
             args = {**args, "c": c}
         if self.inner is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import comfy.model_management as model_management
 
 from .context import ContextBuilder
-from .hooks import CondBatchHook, ModelFunctionHook
+from .hooks import CondBatchHook, EntrySizeHook, ModelFunctionHook
 
 KEY = "ella_nodes"
 
@@ -70,6 +70,7 @@ class FunctionWrapperHost:
         """Hook `model` (a fresh clone without ELLA), keeping any wrapper already there."""
         inner = model.model_options.get("model_function_wrapper")
         model.set_model_unet_function_wrapper(ModelFunctionHook(builder, model.model, inner))
+        model.add_object_patch("extra_conds", EntrySizeHook(model.model, model.object_patches.get("extra_conds")))
 
     def remove(self, model: Any) -> None:
         wrapper = model.model_options.get("model_function_wrapper")
@@ -78,6 +79,12 @@ class FunctionWrapperHost:
                 del model.model_options["model_function_wrapper"]
             else:
                 model.model_options["model_function_wrapper"] = wrapper.inner
+        sizes = model.object_patches.get("extra_conds")
+        if isinstance(sizes, EntrySizeHook):
+            if sizes.inner is None:
+                del model.object_patches["extra_conds"]
+            else:
+                model.object_patches["extra_conds"] = sizes.inner
 
     def find(self, model: Any) -> ModelFunctionHook | None:
         wrapper = model.model_options.get("model_function_wrapper")

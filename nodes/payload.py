@@ -15,27 +15,40 @@ import torch
 from ..ella import EllaError
 
 KEY = "ella_prompt"
+STAND_IN = 64  # tokens ELLA Text Encode puts in an ELLA-only entry's tensor until the hook replaces them
 
 
 _KEYS = itertools.count()
 
 
 class EllaPrompt:
-    """T5 features of one prompt plus how its context is assembled (ELLA only, or ELLA + CLIP). `key` names
-    the features for the connector's rows: given when the prompt is encoded, shared by its ELLA + CLIP
-    variants (`with_clip`)."""
+    """T5 features of one prompt plus how its context is assembled. The entry's tensor is `stand_in` tokens
+    that ELLA's replace (ELLA only: STAND_IN zeros; ELLA + CLIP: none) followed by tokens that follow ELLA's
+    (CLIP's, and whatever Conditioning Concat appended); `tokens` is that tensor's length. `key` names the
+    features for the connector's rows: given when the prompt is encoded, shared by its variants."""
 
-    def __init__(self, features: torch.Tensor, mask: torch.Tensor, clip_tokens: int = 0, key: int | None = None) -> None:
+    def __init__(self, features: torch.Tensor, mask: torch.Tensor, stand_in: int = STAND_IN, key: int | None = None,
+                 tokens: int | None = None) -> None:
         self.key = next(_KEYS) if key is None else key
         self.features = features  # [1, L, D] on the intermediate device
         self.mask = mask  # [1, L] bool (attended or not) or float token weights (0 = not attended)
-        self.clip_tokens = clip_tokens  # 0: ELLA only; else CLIP tokens appended after ELLA's
+        self.stand_in = stand_in
+        self.tokens = stand_in if tokens is None else tokens
         self.unmasked = bool((mask == 1).all())
         self._placed: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def with_clip(self, clip_tokens: int) -> EllaPrompt:
-        """The same prompt (same key, so the same rows) with `clip_tokens` CLIP tokens after ELLA's."""
-        return EllaPrompt(self.features, self.mask, clip_tokens, self.key)
+        """The same prompt (same key, so the same rows) in ELLA + CLIP mode: the entry's tensor is
+        `clip_tokens` CLIP tokens, all following ELLA's."""
+        return EllaPrompt(self.features, self.mask, 0, self.key, clip_tokens)
+
+    def sized(self, tokens: int) -> EllaPrompt:
+        """The same prompt in an entry whose tensor has `tokens` tokens (after Conditioning Concat)."""
+        if tokens == self.tokens:
+            return self
+        out = EllaPrompt(self.features, self.mask, self.stand_in, self.key, tokens)
+        out._placed = self._placed
+        return out
 
     @property
     def length(self) -> int:
@@ -75,10 +88,15 @@ class EllaCond(comfy.conds.CONDRegular):
         ELLA entries: one still here means the model was not patched."""
         raise EllaError(NOT_PATCHED)
 
+    def sized(self, tokens: int) -> EllaCond:
+        """The payload of an entry whose tensor has `tokens` tokens."""
+        return EllaCond(tuple(p.sized(tokens) for p in self.cond))
+
     def can_concat(self, other: object) -> bool:
-        """Rows batch when their CLIP parts have one length (CLIP rows are padded by repetition)."""
-        return isinstance(other, EllaCond) and {p.clip_tokens for p in self.cond + other.cond} == {
-            self.cond[0].clip_tokens}
+        """Rows batch when their tensors have one layout: ComfyUI pads tensors of other lengths by repetition,
+        and then the tokens that follow ELLA's could not be told apart."""
+        layouts = {(p.stand_in, p.tokens) for p in self.cond + other.cond} if isinstance(other, EllaCond) else ()
+        return len(layouts) == 1
 
     def concat(self, others: list[EllaCond]) -> EllaRows:
         return EllaRows(self.cond + tuple(p for o in others for p in o.cond))

@@ -89,17 +89,16 @@ def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, A
             "tokenizer": source}
 
 
-async def read_capped(request: web.Request, limit: int) -> bytes:
+async def read_capped(request: web.Request, limit: int,
+                      advice: str = f"send at most {MAX_TEXT_CHARS} characters of text.") -> bytes:
     """The request body, refusing bodies over `limit` bytes without reading them whole."""
     if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(413, None, f"request body: {request.content_length} bytes, more than {limit}; "
-                                    f"send at most {MAX_TEXT_CHARS} characters of text.")
+        raise BadRequest(413, None, f"request body: {request.content_length} bytes, more than {limit}; {advice}")
     body = bytearray()
     while chunk := await request.content.read(65_536):
         body += chunk
         if len(body) > limit:
-            raise BadRequest(413, None, f"request body: more than {limit} bytes; "
-                                        f"send at most {MAX_TEXT_CHARS} characters of text.")
+            raise BadRequest(413, None, f"request body: more than {limit} bytes; {advice}")
     return bytes(body)
 
 

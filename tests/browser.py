@@ -38,6 +38,7 @@ def start_chromium(profile: Path):
     for flag in FLAGS + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("unhandledPromptBehavior", "ignore")  # a test answers window.confirm itself
     driver_path = CHROMEDRIVER if Path(CHROMEDRIVER).is_file() else shutil.which("chromedriver")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     driver.set_script_timeout(60)

@@ -271,9 +271,9 @@ def test_mode_length_t5_choice_and_link_changes_update_the_counter(server, page)
 
 def test_one_extension_under_our_prefix_and_no_script_errors(page):
     names = page.execute_script("return app.extensions.map((e) => e.name)")
-    assert [n for n in names if "ella" in n.lower()] == ["EllaNodes.TokenCounter"]
+    assert sorted(n for n in names if "ella" in n.lower()) == ["EllaNodes.OfficialWorkflows", "EllaNodes.TokenCounter"]
     errors = [e["message"] for e in page.get_log("browser") if e["level"] == "SEVERE"]
-    assert not [m for m in errors if "ella_token_counter" in m or "/ella/" in m], errors
+    assert not [m for m in errors if "ella_token_counter" in m or "ella_official" in m or "/ella/" in m], errors
 
 
 def test_typing_is_debounced(server, page):  # noqa: F811
@@ -341,3 +341,75 @@ def test_vue_nodes_typing_updates_the_counter(server, page, frontend):  # noqa: 
         page.refresh()
         wait_for_app(page)
 
+
+
+CONVERT_BUTTON = """
+const box = [...document.querySelectorAll('[role=dialog], .p-dialog')].find(
+  (e) => e.innerText.includes('Convert to ELLA Nodes?') && e.getClientRects().length);
+return box ? [...box.querySelectorAll('button')].find((b) => /^\\s*confirm\\s*$/i.test(b.innerText)) ?? null : null;
+"""
+
+
+def offer(page):
+    """The extension's offer once shown: the legacy frontend's window.confirm, or the current frontend's dialog's
+    Confirm button; None before."""
+    from selenium.common.exceptions import NoAlertPresentException, UnexpectedAlertPresentException
+
+    try:
+        return page.switch_to.alert
+    except NoAlertPresentException:
+        pass
+    try:
+        return page.execute_script(CONVERT_BUTTON)
+    except UnexpectedAlertPresentException:  # it opened just now
+        return None
+
+
+def load_official(page, workflow: dict):
+    """Load without waiting for the load to end (window.confirm would block it), then wait for the offer."""
+    page.execute_script("app.loadGraphData(arguments[0]); return true;", workflow)
+    return wait(lambda: offer(page), 20, "no offer to convert the official workflow")
+
+
+def test_an_official_workflow_is_offered_conversion_and_then_runs(server, page, frontend):  # noqa: F811
+    """A workflow of the official ComfyUI-ELLA pack (not installed): the page offers the conversion, converts it with
+    the converter's mapping, and the converted graph queues and runs."""
+    import official_graphs
+
+    from ella.official_workflow import convert
+
+    workflow = official_graphs.text_to_image()
+    answer = load_official(page, workflow)
+    if hasattr(answer, "accept"):
+        assert "ComfyUI-ELLA" in answer.text
+        answer.accept()
+    else:
+        answer.click()
+    want = sorted(n["type"] for n in convert(workflow).workflow["nodes"])
+    wait(lambda: sorted(page.execute_script("return app.graph._nodes.map((n) => n.type)")) == want, 30,
+         f"the page's graph never became the converted one: {want}")
+    screenshot(page, frontend, "official-converted")
+    close_dialogs(page)  # the missing-nodes report of the first load
+    saved = json.loads(page.execute_script("return JSON.stringify(app.graph.serialize())"))
+    assert sorted(n["type"] for n in saved["nodes"]) == want
+    before = set(server.get("/history"))
+    page.execute_async_script("const done = arguments[0]; app.queuePrompt(0, 1).then(() => done(true));")
+    new = wait(lambda: set(server.get("/history")) - before, 120, "the queued prompt never reached the history")
+    entry = wait(lambda: (e := server.get(f"/history/{next(iter(new))}")[next(iter(new))])["status"].get("completed")
+                 is not None and e, 300, "the queued prompt never finished")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert {n["class_type"] for n in entry["prompt"][2].values()} >= {"EllaNodes_ApplyElla", "EllaNodes_TextEncode"}
+
+
+def test_declining_the_conversion_leaves_the_workflow_as_loaded(page):
+    import official_graphs
+
+    answer = load_official(page, official_graphs.lora_concat())
+    if hasattr(answer, "dismiss"):
+        answer.dismiss()
+    else:
+        close_dialogs(page)
+    time.sleep(1)
+    close_dialogs(page)
+    types = page.execute_script("return app.graph._nodes.map((n) => n.type)")
+    assert "SetEllaTimesteps" in types and "EllaNodes_ApplyElla" not in types

@@ -144,7 +144,7 @@ def _length(cond):
     payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
     if payload is None:
         return cond[0][0].shape[1]
-    return CONNECTOR.num_latents + (cond[0][0].shape[1] if payload.cond[0].clip_tokens else 0)
+    return CONNECTOR.num_latents + max(0, cond[0][0].shape[1] - payload.cond[0].stand_in)
 
 
 def _row_matches(env, cond, context, t):
@@ -154,8 +154,8 @@ def _row_matches(env, cond, context, t):
     ella = context[: CONNECTOR.num_latents]
     want = expected(env, cond, t)
     ok = bool((ella - want).abs().max() <= 1e-5 * want.abs().max())  # fp32, relative to the tokens' scale
-    if payload.cond[0].clip_tokens:
-        ok = ok and torch.equal(context[CONNECTOR.num_latents:], cond[0][0][0])
+    # then the entry's tokens after its stand-in: CLIP's, and what Conditioning Concat appended
+    return ok and torch.equal(context[CONNECTOR.num_latents:], cond[0][0][0][payload.cond[0].stand_in:])
     return ok
 
 
@@ -178,9 +178,10 @@ def test_every_evaluation_gets_its_own_timesteps_context(env, sampler, scheduler
         assert max(timesteps) < 900
 
 
-def test_nodes_that_edit_tokens_act_on_the_clip_part_only(env):
+def test_nodes_that_edit_tokens_act_on_the_tokens_after_ellas(env):
     """Average, Concat and Zero Out edit a conditioning's tensor, and ELLA's tokens are made after them: they
-    change the CLIP part of ELLA + CLIP conditioning and nothing of ELLA-only conditioning (as the README says)."""
+    change the CLIP part of ELLA + CLIP conditioning; on ELLA-only conditioning Average and Zero Out change
+    nothing and Concat's tokens follow ELLA's (as the README says)."""
     import nodes
     pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
@@ -218,6 +219,36 @@ def test_batch_of_three_with_combine_area_and_clip_negative(env):
     # ComfyUI gives the negative a copy on the area too
     assert {(name, width) for name, _, width in seen} == {("whole", 8), ("neg", 8), ("left", 4), ("neg", 4)}
     assert sum(1 for name, _, _ in seen if name == "whole") == 3 * 3  # 3 rows x 3 evaluations
+
+
+def test_concat_of_ella_with_clip_puts_the_clip_tokens_after_ellas_at_every_step(env):
+    """The official pack's LoRA graph: ELLA-only conditioning as Conditioning Concat's conditioning_to, CLIP
+    Text Encode as conditioning_from. Every evaluation sees that step's ELLA tokens, then CLIP's."""
+    import nodes
+    pack, unet, ella = env.pack, env.unet, env.ella
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    concat = nodes.ConditioningConcat().concat
+    pos = concat(encode(env, "a red kite over a beach"), [[torch.randn(1, 77, 768), {}]])[0]
+    neg = concat(encode(env, ""), [[torch.randn(1, 77, 768), {}]])[0]
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, "dpmpp_2m", "karras", steps=4)
+    assert {c.shape[1] for _, c, _, _ in spy.calls} == {CONNECTOR.num_latents + 77}
+    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
+    assert {name for name, _, _ in seen} == {"pos", "neg"} and len({t for _, t, _ in seen}) == 4
+
+
+def test_concat_tails_of_other_lengths_are_not_mixed_up_when_batched(env):
+    """ComfyUI batches tensors whose lengths divide (64 and 128 tokens) by repeating the shorter one; each row
+    must still get its own tokens after ELLA's (on the 2024-03 host the payload learns each entry's length)."""
+    import nodes
+    pack, unet, ella = env.pack, env.unet, env.ella
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    pos = nodes.ConditioningConcat().concat(encode(env, "a green door"), [[torch.randn(1, 64, 768), {}]])[0]
+    neg = encode(env, "")
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, steps=3)
+    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
+    assert {name for name, _, _ in seen} == {"pos", "neg"}
 
 
 def test_ella_plus_clip_appends_clip_tokens(env):

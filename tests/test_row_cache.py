@@ -71,7 +71,7 @@ def test_prompts_get_a_key_when_encoded_that_their_clip_variant_shares():
     one, two = payload.EllaPrompt(features, mask), payload.EllaPrompt(features, mask)
     assert one.key != two.key  # two encodes: two keys, whatever tensors they hold
     with_clip = one.with_clip(77)
-    assert (with_clip.key, with_clip.clip_tokens, with_clip.features) == (one.key, 77, features)
+    assert (with_clip.key, with_clip.stand_in, with_clip.tokens, with_clip.features) == (one.key, 0, 77, features)
 
 
 def test_every_apply_of_a_connector_shares_the_handles_cache(tmp_path):
