@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 

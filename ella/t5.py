@@ -24,8 +24,8 @@ from transformers import T5Config, T5EncoderModel
 from .containment import Roots, default_roots
 from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
-from .t5_fp8 import linear_weight_names, resolve_storage, store_linears_in_fp8
 from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
+from .t5_fp8 import linear_weight_names, resolve_storage, store_linears_in_fp8
 from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
 
 __all__ = [

@@ -140,8 +140,9 @@ def test_a_torch_without_fp8_is_a_clear_error(hf_folder: Path, monkeypatch: pyte
 
 def test_an_unknown_feed_forward_is_refused(hf_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transformers version with another feed-forward class would round activations to fp8: refused."""
-    from ella import t5_fp8
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+
+    from ella import t5_fp8
     monkeypatch.delitem(t5_fp8._SWAPS, T5DenseGatedActDense)
     with pytest.raises(EllaError, match="does not know this transformers version's T5 feed-forward"):
         load_t5(hf_folder, storage_dtype="fp8_e4m3fn")
