@@ -1,4 +1,4 @@
-"""Run every benchmark and write bench/results/*.json plus a short markdown table (results/latest.md).
+"""Run every benchmark (figures 1 to 6) and write bench/results/*.json plus a short markdown table (results/latest.md).
 
     python -m bench.run_all                      # full-size random models (slow on CPU)
     python -m bench.run_all --quick              # 256x256 and 512x512 at batch 1, 2 repetitions
@@ -11,11 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import sampling_memory, sampling_overhead, t5_loading
+from bench import sampling_memory, sampling_overhead, t5_fp8, t5_loading
 from bench.common import machine
 
 
-def table(sampling: dict, t5: dict, memory: dict) -> str:
+def table(sampling: dict, t5: dict, memory: dict, fp8: dict | None = None) -> str:
     m = sampling.get("machine") or machine()
     dtypes = (f" UNet {sampling['unet_dtype']}, connector {sampling['connector_dtype']} (as Apply ELLA gives it)."
               if "connector_dtype" in sampling else "")  # figures from before it was recorded lack it
@@ -44,6 +44,14 @@ def table(sampling: dict, t5: dict, memory: dict) -> str:
         free = "whole card" if r["free_gib_at_start"] is None else f"{r['free_gib_at_start']} GiB"
         lines.append(f"| {free} | {r['t5_device_after_encode']} | {r['t5_device_while_sampling']} | "
                      f"{r['gpu_allocated_at_first_step_gib']} GiB | {r['gpu_peak_while_sampling_gib']} GiB |")
+    if fp8:  # results from before figure 6 lack it
+        lines += ["", f"| T5 as ({fp8['layers']} layers) | load s | peak RSS above baseline | vs fp16 | vs same compute, "
+                  "weights not fp8 | encode 128 tokens s | vs same compute | max / mean rel. error vs fp32 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['load_s']} | {r['peak_rss_above_baseline_mib']} MiB | {r.get('peak_vs_fp16', 'n/a')} | "
+                  f"{r.get('peak_vs_same_compute', '')} | {r['encode_128_tokens_median_s']} | "
+                  f"{r.get('encode_vs_same_compute', '')} | {r['max_rel_error']:.4f} / {r['mean_rel_error']:.4f} |"
+                  for r in fp8["t5_fp8"]]
     return "\n".join(lines) + "\n"
 
 
@@ -63,18 +71,22 @@ def main(argv: list[str] | None = None) -> str:
     if args.table_only:
         sampling, t5, memory = (json.loads((args.out / f"{name}.json").read_text())
                                 for name in ("sampling_overhead", "t5", "sampling_memory"))
+        fp8_file = args.out / "t5_fp8.json"
+        fp8 = json.loads(fp8_file.read_text()) if fp8_file.exists() else None
     elif args.tiny:
         # a bf16 UNet, so that a connector not given the UNet's dtype shows even on a CPU
         sampling = sampling_overhead.main(["--tiny", "--sizes", "64", "--batches", "1", "2", "--steps", "2",
                                            "--reps", "1", "--unet-dtype", "bf16", *out])
         t5 = t5_loading.main(["--tiny", "--reps", "1", *out])
+        fp8 = t5_fp8.main(["--tiny", "--reps", "1", "--cases", "fp16", "fp8_e4m3fn, fp16 compute", *out])
         memory = sampling_memory.main(["--tiny", *out])
     else:
         quick = ["--batches", "1", "--reps", "2"] if args.quick else []
         sampling = sampling_overhead.main([*quick, *out])
         t5 = t5_loading.main(out)
+        fp8 = t5_fp8.main(out)
         memory = sampling_memory.main(out)
-    text = table(sampling, t5, memory)
+    text = table(sampling, t5, memory, fp8)
     (args.out / "latest.md").write_text(text)
     return text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -93,21 +94,26 @@ def _check_entry(path: Path, name: str, entry: object, data_bytes: int, expected
 def load_tensors(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     device: str | torch.device = "cpu",
     keys: list[str] | None = None,
     expected: str = "a safetensors file",
+    on_tensor: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load tensors one at a time, each cast to `dtype` (floating tensors only) and moved to `device`.
+    """Load tensors one at a time, each cast to `dtype` (floating tensors only; a mapping gives each key's
+    dtype) and moved to `device`; `on_tensor()` is called after each one (progress).
 
     Tensors are read with plain file reads (no memory map) and cast chunk by chunk, so peak memory stays
-    near the size of the weights in `dtype` plus one small buffer."""
+    near the size of the weights in `dtype` plus one small buffer. Casts to fp8 saturate at its range."""
     infos = read_header(path, expected=expected)
     out: dict[str, torch.Tensor] = {}
     try:
         with open(path, "rb") as f:
             for key in infos if keys is None else keys:
-                out[key] = _read(f, infos[key], dtype).to(device)
+                target = dtype.get(key) if isinstance(dtype, Mapping) else dtype
+                out[key] = _read(f, infos[key], target).to(device)
+                if on_tensor is not None:
+                    on_tensor()
     except KeyError as e:
         raise EllaLoadError(f"{path}: tensor {e} is missing; expected {expected}.") from None
     except (OSError, ValueError, RuntimeError) as e:
@@ -137,5 +143,14 @@ def _read(f: BinaryIO, info: TensorInfo, dtype: torch.dtype | None) -> torch.Ten
         raw = bytearray(count * item)
         if f.readinto(raw) != len(raw):
             raise ValueError("file ended early")
-        flat[start:start + count] = torch.frombuffer(raw, dtype=stored)
+        flat[start:start + count] = _saturated(torch.frombuffer(raw, dtype=stored), target)
     return out
+
+
+def _saturated(chunk: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """`chunk` clamped to the finite range of an 8-bit float `target` (torch's casts differ: inf, NaN or
+    saturation by format and version); other targets unchanged."""
+    if target.itemsize != 1 or not target.is_floating_point:
+        return chunk
+    limit = torch.finfo(target).max
+    return chunk.float().clamp_(-limit, limit) if chunk.itemsize == 1 else chunk.clamp_(-limit, limit)

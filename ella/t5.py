@@ -2,7 +2,8 @@
 
 `load_t5` builds transformers' `T5EncoderModel` on the meta device and fills it
 with tensors read one at a time straight into the target dtype, so loading
-never holds a second full-precision copy. Key names are mapped from the
+never holds a second full-precision copy. With `storage_dtype` (fp8), the linear layers' weights are
+stored in 8 bits and cast to the compute dtype layer by layer at each call (ella/t5_fp8.py). Key names are mapped from the
 transformers layout (`shared.`, `encoder.`), any prefix in front of it, or a
 bare encoder stack (`block.N...`); decoder and lm_head weights are ignored.
 """
@@ -25,11 +26,12 @@ from .devices import compute_device
 from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
 from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
+from .t5_fp8 import linear_weight_names, resolve_storage, store_linears_in_fp8
 from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
 
 __all__ = [
     "T5_MAX_TOKENS", "EncodedPrompts", "T5Encoder", "TokenizedPrompts", "infer_t5_config", "load_t5",
-    "resolve_dtype",
+    "resolve_dtype", "resolve_storage",
 ]
 
 log = logging.getLogger("ELLA")
@@ -84,18 +86,21 @@ class T5Encoder(torch.nn.Module):
     manage it (it sets `module.device`; the transformers model in `.model` has a read-only `device`).
     """
 
-    def __init__(self, model: T5EncoderModel, tokenizer: T5PromptTokenizer, path: Path, dtype: torch.dtype) -> None:
+    def __init__(self, model: T5EncoderModel, tokenizer: T5PromptTokenizer, path: Path, dtype: torch.dtype,
+                 storage_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config: T5Config = model.config
         self.path = path
-        self.dtype = dtype
+        self.dtype = dtype  # the compute dtype (embeddings, norms, every layer's output)
+        self.storage_dtype = storage_dtype or dtype  # the linear layers' weights
         self.device = model.shared.weight.device
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"path={str(self.path)!r}, layers={c.num_layers}, d_model={c.d_model}, dtype={self.dtype}"
+        stored = f", linear weights stored as {self.storage_dtype}" if self.storage_dtype != self.dtype else ""
+        return f"path={str(self.path)!r}, layers={c.num_layers}, d_model={c.d_model}, dtype={self.dtype}{stored}"
 
     def to(self, *args: object, **kwargs: object) -> T5Encoder:
         """nn.Module.to that keeps `device` and `dtype` in step with the weights; returns self."""
@@ -159,15 +164,22 @@ def load_t5(
     tokenizer: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    storage_dtype: torch.dtype | str | None = None,
     roots: Roots | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> T5Encoder:
     """Load a T5 encoder (e.g. FLAN-T5-XL) and its tokenizer from a folder, HF cache folder or single file.
+
+    `dtype` is the compute dtype (None: fp16 on CUDA, fp32 elsewhere); `storage_dtype` "fp8_e4m3fn" or
+    "fp8_e5m2" (or the torch dtypes) stores the linear layers' weights in 8 bits, cast per layer at each
+    call; embeddings and norms stay in `dtype`. `progress(done, total)` is called after each tensor read.
     Every file opened must lie inside `roots` (default: the folder of `path`, the places a tokenizer is
     looked for beside it, and the folder of `tokenizer`); the config
     is checked against the weights' headers before any module is built."""
     start = time.perf_counter()
     device = _device(device)
     dtype = resolve_dtype(dtype, device)
+    storage = resolve_storage(storage_dtype)
     weights = find_weights(path, roots)
     sources = _collect_sources(weights)
     tok = read_tokenizer_file(find_tokenizer(tokenizer, weights, roots))
@@ -180,12 +192,17 @@ def load_t5(
         model = T5EncoderModel(_encoder_config(config))
     _check_keys(weights.label, sources, model)
     _check_vocab(tok, config, weights.label)
-    _load_weights(model, sources, dtype, device)
+    dtypes = dict.fromkeys(sources, dtype)
+    if storage is not None:
+        store_linears_in_fp8(model)
+        dtypes.update(dict.fromkeys(linear_weight_names(model), storage))
+    _load_weights(model, sources, dtypes, device, progress)
     _register_fp16_clamp(model)
-    encoder = T5Encoder(model, tok, Path(path), dtype)
+    encoder = T5Encoder(model, tok, Path(path), dtype, storage)
     encoder.eval().requires_grad_(False)
-    log.info("ELLA: loaded T5 encoder %s (%d layers, d_model %d) as %s on %s in %.1f s",
-             weights.label, config.num_layers, config.d_model, dtype, device, time.perf_counter() - start)
+    log.info("ELLA: loaded T5 encoder %s (%d layers, d_model %d) as %s%s on %s in %.1f s", weights.label,
+             config.num_layers, config.d_model, dtype, f" (linear weights in {storage})" if storage else "",
+             device, time.perf_counter() - start)
     return encoder
 
 
@@ -368,14 +385,25 @@ def _check_vocab(tok: T5PromptTokenizer, config: T5Config, label: Path) -> None:
         )
 
 
-def _load_weights(model: T5EncoderModel, sources: dict[str, _Source], dtype: torch.dtype, device: torch.device) -> None:
-    """Read tensors one at a time, each cast to `dtype` on reading, then assign them into the meta model."""
+def _load_weights(model: T5EncoderModel, sources: dict[str, _Source], dtypes: dict[str, torch.dtype],
+                  device: torch.device, progress: Callable[[int, int], None] | None) -> None:
+    """Read tensors one at a time, each cast to its dtype in `dtypes` on reading, then assign them into the
+    meta model; `progress(done, total)` after each tensor."""
     by_file: dict[Path, list[str]] = {}
     for name, src in sources.items():
         by_file.setdefault(src.file, []).append(name)
+    done, total = 0, len(sources)
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
-        loaded = load_tensors(file, dtype=dtype, device=device, keys=[sources[n].key for n in names], expected=EXPECTED)
+        keyed = {sources[n].key: dtypes[n] for n in names}
+        loaded = load_tensors(file, dtype=keyed, device=device, keys=list(keyed), expected=EXPECTED, on_tensor=tick)
         for name in names:
             state[name] = loaded.pop(sources[name].key)
     model.load_state_dict(state, strict=False, assign=True)

@@ -6,7 +6,7 @@ import comfy.model_management as mm
 
 from .ella_handle import EllaHandle
 from .folders import ella_files, ella_path, t5_choices, t5_path, t5_root
-from .t5_handle import DTYPE_CHOICES, T5Handle
+from .t5_handle import DEVICE_CHOICES, DTYPE_CHOICES, T5Handle, load_progress
 
 CATEGORY = "conditioning/ELLA"
 
@@ -47,9 +47,15 @@ class LoadT5Encoder:
             "t5_name": (sorted(t5_choices()), {"tooltip": "T5 folder or encoder file."}),
             "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": (
                 "auto: fp16 on a GPU (what ELLA was trained with), fp32 on CPU. bf16 or fp32 on a GPU "
-                "change images noticeably.")}),
+                "change images noticeably. fp8_e4m3fn / fp8_e5m2: the linear layers' weights stored in 8 bits "
+                "(about half of fp16's memory), computed as auto does; features move from fp16's, so check your images.")}),
+        }, "optional": {  # optional: workflows saved before it existed load and run as before (auto)
+            "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": (
+                "auto: ComfyUI moves T5 to the GPU to encode and off it when the UNet needs room. cpu: T5 "
+                "never goes to the GPU (slower encodes, once per new prompt); the card holds only the UNet.")}),
         }}
 
-    def load(self, t5_name: str, dtype: str) -> tuple[T5Handle]:
+    def load(self, t5_name: str, dtype: str, device: str = "auto") -> tuple[T5Handle]:
         path = t5_path(t5_name)
-        return (T5Handle(path, dtype, roots=[t5_root(t5_name, path)]),)
+        return (T5Handle(path, dtype, roots=[t5_root(t5_name, path)], device_choice=device,
+                         progress=load_progress()),)

@@ -101,7 +101,9 @@ def test_object_info_lists_our_nodes_with_choices_and_defaults(object_info):
     assert ELLA_FILE in object_info["EllaNodes_LoadEllaModel"]["input"]["required"]["ella_name"][0]
     t5 = object_info["EllaNodes_LoadT5Encoder"]["input"]["required"]
     assert T5_NAME in t5["t5_name"][0]
-    assert t5["dtype"][0] == ["auto", "fp16", "bf16", "fp32"] and t5["dtype"][1]["default"] == "auto"
+    assert t5["dtype"][0] == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"] and t5["dtype"][1]["default"] == "auto"
+    device = object_info["EllaNodes_LoadT5Encoder"]["input"]["optional"]["device"]  # optional: old graphs run
+    assert device[0] == ["auto", "cpu"] and device[1]["default"] == "auto"
     encode = object_info["EllaNodes_TextEncode"]["input"]
     assert encode["required"]["token_length"][0] == ["flexible", "fixed"]
     assert encode["required"]["fixed_tokens"][1]["default"] == 128
@@ -153,6 +155,35 @@ def with_input(graph: dict, class_type: str, **inputs: object) -> dict:
         if node["class_type"] == class_type:
             node["inputs"].update(inputs)
     return graph
+
+
+def test_fp8_t5_on_the_cpu_runs_and_its_load_shows_progress_in_the_page(server, object_info):
+    """The page's websocket gets the loader node's progress, tensor by tensor, up to every T5 tensor."""
+    import uuid
+
+    import websocket  # websocket-client, which selenium depends on
+    graph = with_input(derived("ella_text_to_image.json", object_info), "EllaNodes_LoadT5Encoder",
+                       dtype="fp8_e4m3fn", device="cpu")
+    loader = next(k for k, n in graph.items() if n["class_type"] == "EllaNodes_LoadT5Encoder")
+    client = uuid.uuid4().hex
+    ws = websocket.create_connection(server.url.replace("http", "ws", 1) + f"/ws?clientId={client}", timeout=300)
+    try:
+        status, body = server.post("/prompt", {"prompt": graph, "client_id": client})
+        assert status == 200, body
+        progress = []
+        while True:
+            message = ws.recv()
+            if isinstance(message, str):
+                event = json.loads(message)
+                if event["type"] == "progress" and event["data"].get("node") == loader:
+                    progress.append((event["data"]["value"], event["data"]["max"]))
+                if event["type"] == "executing" and event["data"].get("node") is None:
+                    break  # the prompt finished
+    finally:
+        ws.close()
+    assert_success(server.run(graph))  # (cached now) the run succeeded
+    tensors = 1 + 2 * 9 + 1 + 1  # the tiny encoder: embedding, 9 per block, block 0's position bias, final norm
+    assert progress and progress[-1] == (tensors, tensors) and progress[0][0] <= progress[-1][0]
 
 
 @pytest.mark.parametrize("name", ["nope.safetensors", "../checkpoints/" + CHECKPOINT, "/etc/passwd"])
