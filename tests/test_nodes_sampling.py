@@ -140,6 +140,21 @@ def match_rows(env, spy, named):
     return seen
 
 
+def match_sides(env, spy, positive, negative, chunk=None):
+    """match_rows, and each row is its own side's: the rows of a call come in chunks of equal size, one per
+    entry of that call's cond_or_uncond (0 = `positive`, 1 = `negative`); returns the (name, t) of each row."""
+    seen = match_rows(env, spy, {"pos": positive, "neg": negative})
+    out, i = [], 0
+    for t, context, sides, _ in spy.calls:
+        size = context.shape[0] // len(sides) if chunk is None else chunk
+        for row in range(context.shape[0]):
+            name = seen[i + row][0]
+            assert name == ("pos", "neg")[sides[row // size]], f"row {row} at t={float(t[row])} got {name}'s context"
+            out.append((name, float(t[row])))
+        i += context.shape[0]
+    return out
+
+
 def _length(cond):
     payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
     if payload is None:
