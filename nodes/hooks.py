@@ -23,8 +23,12 @@ from .payload import KEY, EllaPrompt
 
 
 def _with_clip(ella: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """ELLA's tokens followed by CLIP's, in the ELLA tokens' dtype and device."""
-    clip = comfy.utils.repeat_to_batch_size(clip, ella.shape[0]).to(ella.device, ella.dtype)
+    """ELLA's tokens followed by CLIP's, in the ELLA tokens' dtype and device. CLIP conditioning with a row per
+    frame (scheduled prompts, prompt travel) keeps its rows: ELLA's tokens are repeated to them, and a pack
+    that splits frames into context windows then slices the entry's rows as it does CLIP's."""
+    rows = max(ella.shape[0], clip.shape[0])
+    ella = comfy.utils.repeat_to_batch_size(ella, rows)
+    clip = comfy.utils.repeat_to_batch_size(clip, rows).to(ella.device, ella.dtype)
     return torch.cat([ella, clip], dim=1)
 
 

