@@ -5,32 +5,17 @@ call every row's context is connector(its prompt, that call's timestep), in ever
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from packs import import_pack
 from safetensors.torch import save_file
 from test_nodes_sampling import CONNECTOR, Env, UNetSpy, encode, match_frame_rows, match_sides, sample
 
-PACK = Path(os.environ.get("ELLA_PACKS", Path(__file__).resolve().parents[3] / "shared" / "packs"))
 ADE = "ComfyUI-AnimateDiff-Evolved"
 FRAMES, LENGTH, OVERLAP = 3, 2, 1  # ADE's static windows: frames 0-1 and 1-2
-
-
-def _import_ade(custom_nodes: Path):
-    """ADE unpacked into `custom_nodes` and imported as ComfyUI imports a pack (a package of its folder name)."""
-    with tarfile.open(PACK / f"{ADE}.tar.gz") as tar:
-        tar.extractall(custom_nodes, filter="data")
-    spec = importlib.util.spec_from_file_location(ADE, custom_nodes / ADE / "__init__.py",
-                                                  submodule_search_locations=[str(custom_nodes / ADE)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[ADE] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save_motion_module(ade, path: Path) -> Path:
@@ -60,7 +45,7 @@ def env(tmp_path_factory):
     import folder_paths
     base = tmp_path_factory.mktemp("models")
     folder_paths.models_dir = str(base)  # ADE makes its model folders under models_dir: keep the host clean
-    ade = _import_ade(tmp_path_factory.mktemp("custom_nodes"))
+    ade = import_pack(ADE, tmp_path_factory.mktemp("custom_nodes"))
     for kind in ("ella", "text_encoders", "animatediff_models"):
         (base / kind).mkdir(exist_ok=True)
     save_connector(base / "ella" / "ella-tiny.safetensors", CONNECTOR, seed=3)
