@@ -24,11 +24,15 @@ from .payload import KEY, EllaPrompt
 
 def _context(ella: torch.Tensor, entry: torch.Tensor, stand_in: int) -> torch.Tensor:
     """ELLA's tokens followed by the entry's tokens after its stand-in (CLIP's in ELLA + CLIP mode, and what
-    Conditioning Concat appended), in the ELLA tokens' dtype and device."""
+    Conditioning Concat appended), in the ELLA tokens' dtype and device. An entry with a row per frame
+    (scheduled prompts, prompt travel) keeps its rows: ELLA's tokens are repeated to them, and a pack that
+    splits frames into context windows then slices the entry's rows as it does CLIP's."""
     if entry.shape[1] <= stand_in:
         return ella
-    tail = comfy.utils.repeat_to_batch_size(entry[:, stand_in:], ella.shape[0]).to(ella.device, ella.dtype)
-    return torch.cat([ella, tail], dim=1)
+    tail = entry[:, stand_in:]
+    rows = max(ella.shape[0], tail.shape[0])
+    ella = comfy.utils.repeat_to_batch_size(ella, rows)
+    return torch.cat([ella, comfy.utils.repeat_to_batch_size(tail, rows).to(ella.device, ella.dtype)], dim=1)
 
 
 class CondBatchHook:

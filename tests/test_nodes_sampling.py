@@ -140,6 +140,51 @@ def match_rows(env, spy, named):
     return seen
 
 
+def match_sides(env, spy, positive, negative, chunk=None):
+    """match_rows, and each row is its own side's: the rows of a call come in chunks of equal size, one per
+    entry of that call's cond_or_uncond (0 = `positive`, 1 = `negative`); returns the (name, t) of each row."""
+    seen = match_rows(env, spy, {"pos": positive, "neg": negative})
+    out, i = [], 0
+    for t, context, sides, _ in spy.calls:
+        size = context.shape[0] // len(sides) if chunk is None else chunk
+        for row in range(context.shape[0]):
+            name = seen[i + row][0]
+            assert name == ("pos", "neg")[sides[row // size]], f"row {row} at t={float(t[row])} got {name}'s context"
+            out.append((name, float(t[row])))
+        i += context.shape[0]
+    return out
+
+
+def match_frame_rows(env, spy, positive, negative, frames_clip):
+    """ELLA + CLIP with a CLIP row per frame (`frames_clip` [F, 77, 768]) in windows of frames: each positive
+    row is ELLA's context at that call's timestep followed by its own frame's CLIP tokens, the frames of a
+    call are consecutive, and the negative rows are the negative's context; returns the frames covered."""
+    covered = set()
+    for t, context, sides, _ in spy.calls:
+        size = context.shape[0] // len(sides)
+        for k, side in enumerate(sides):
+            rows, cond = context[k * size:(k + 1) * size], (positive, negative)[side]
+            want = expected(env, cond, t[k * size])
+            assert all(_close(r[:CONNECTOR.num_latents], want) for r in rows), f"side {side} at t={float(t[k * size])}"
+            if side == 1:
+                assert rows.shape[1] == _length(negative)
+                continue
+            frames = [_frame(frames_clip, r[CONNECTOR.num_latents:]) for r in rows]
+            assert frames == list(range(frames[0], frames[0] + size)), frames
+            covered.update(frames)
+    return covered
+
+
+def _close(row, want):
+    return bool((row - want).abs().max() <= 1e-5 * want.abs().max())
+
+
+def _frame(frames_clip, clip_part):
+    hits = [f for f in range(frames_clip.shape[0]) if torch.equal(clip_part, frames_clip[f])]
+    assert len(hits) == 1, f"a row's CLIP tokens are those of frames {hits}"
+    return hits[0]
+
+
 def _length(cond):
     payload = cond[0][1].get("model_conds", {}).get("ella_prompt")
     if payload is None:
