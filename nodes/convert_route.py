@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from aiohttp import web
 
 from ..ella.official_workflow import MAX_WORKFLOW_CHARS, ConversionError, convert, parse_workflow
-from .routes import BadRequest, read_capped
+from .routes import BadRequest, add_post_route, read_capped
 
 log = logging.getLogger("ELLA")
 
@@ -24,14 +23,9 @@ _registered = False
 
 
 def register_convert_route() -> None:
-    """Add the route to ComfyUI's running server (once); outside a server there is nothing to do."""
+    """Add the conversion route to ComfyUI's running server (once)."""
     global _registered
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if _registered or instance is None:
-        return
-    instance.routes.post(ROUTE)(convert_route)
-    _registered = True
+    _registered = _registered or add_post_route(ROUTE, convert_route)
 
 
 async def convert_route(request: web.Request) -> web.Response:

@@ -73,18 +73,8 @@ class FunctionWrapperHost:
         model.add_object_patch("extra_conds", EntrySizeHook(model.model, model.object_patches.get("extra_conds")))
 
     def remove(self, model: Any) -> None:
-        wrapper = model.model_options.get("model_function_wrapper")
-        if isinstance(wrapper, ModelFunctionHook):
-            if wrapper.inner is None:
-                del model.model_options["model_function_wrapper"]
-            else:
-                model.model_options["model_function_wrapper"] = wrapper.inner
-        sizes = model.object_patches.get("extra_conds")
-        if isinstance(sizes, EntrySizeHook):
-            if sizes.inner is None:
-                del model.object_patches["extra_conds"]
-            else:
-                model.object_patches["extra_conds"] = sizes.inner
+        _unchain(model.model_options, "model_function_wrapper", ModelFunctionHook)
+        _unchain(model.object_patches, "extra_conds", EntrySizeHook)
 
     def find(self, model: Any) -> ModelFunctionHook | None:
         wrapper = model.model_options.get("model_function_wrapper")
@@ -108,6 +98,16 @@ class _OnUnload:
 def _drop_empty(table: dict, kind: str) -> None:
     if not table.get(kind, True):
         del table[kind]
+
+
+def _unchain(slots: dict, key: str, hook_type: type) -> None:
+    """Take our hook of `hook_type` out of `slots[key]`, putting back what it wrapped (another pack's), if any."""
+    hook = slots.get(key)
+    if isinstance(hook, hook_type):
+        if hook.inner is None:
+            del slots[key]
+        else:
+            slots[key] = hook.inner
 
 
 def _pick() -> KeyedHost | FunctionWrapperHost:

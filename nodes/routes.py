@@ -41,15 +41,20 @@ class BadRequest(Exception):
         self.status, self.field, self.message = status, field, message
 
 
-def register_routes() -> None:
-    """Add the route to ComfyUI's running server (once); outside a server there is nothing to do."""
-    global _registered
+def add_post_route(path: str, handler: Any) -> bool:
+    """Add a POST route to ComfyUI's running server; False outside a server (nothing to do)."""
     server = sys.modules.get("server")  # ComfyUI's main.py imports it before loading custom nodes
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if _registered or instance is None:
-        return
-    instance.routes.post(ROUTE)(count_route)
-    _registered = True
+    if instance is None:
+        return False
+    instance.routes.post(path)(handler)
+    return True
+
+
+def register_routes() -> None:
+    """Add the token count route to ComfyUI's running server (once)."""
+    global _registered
+    _registered = _registered or add_post_route(ROUTE, count_route)
 
 
 async def count_route(request: web.Request) -> web.Response:
