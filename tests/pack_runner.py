@@ -1,20 +1,47 @@
-"""Run a check module of tests/isolated/ in a fresh Python: other packs patch ComfyUI when imported or when
-sampling, so nothing of theirs may leak into the other tests."""
+"""Other packs in tests: ../shared/packs unpacked into a folder of custom nodes, and what runs in a fresh
+Python (other packs patch ComfyUI when imported or when sampling, so nothing of theirs may leak into the
+other tests)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 PACKS = Path(os.environ.get("ELLA_PACKS", TESTS.parents[1] / "shared" / "packs"))
+ADE, IPA = "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus"
+# the shipped workflows that need other packs, and which
+WORKFLOW_PACKS = {"ella_animatediff.json": (ADE,), "ella_ipadapter.json": (IPA,)}
+
+
+def have(name: str) -> bool:
+    return (PACKS / f"{name}.tar.gz").is_file()
+
+
+def unpack(name: str, custom_nodes: Path) -> Path:
+    """`name`.tar.gz unpacked into `custom_nodes`, as a user installs it; returns its folder."""
+    with tarfile.open(PACKS / f"{name}.tar.gz") as tar:
+        tar.extractall(custom_nodes, filter="data")
+    return custom_nodes / name
+
+
+def _python(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "ELLA_PACKS": str(PACKS),
+                               "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "isolated")])})
 
 
 def run_isolated(name: str) -> None:
     """Run tests/isolated/<name>_checks.py; fail with its output if any check fails."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-                           str(TESTS / "isolated" / f"{name}_checks.py")], cwd=TESTS.parent,
-                          capture_output=True, text=True, timeout=1800, env={**os.environ, "ELLA_PACKS": str(PACKS)})
+    done = _python(["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                    str(TESTS / "isolated" / f"{name}_checks.py")])
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+
+
+def write_pack_models(models: Path) -> None:
+    """The other packs' random model files under their released names in `models` (tests/isolated/pack_models.py)."""
+    done = _python([str(TESTS / "isolated" / "pack_models.py"), str(models)])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

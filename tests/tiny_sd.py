@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 VAE_CONFIG = {"z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4],
               "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-# SD1.5's channel layout, attention at the first two levels only (still detected as SD15; see DESIGN.md)
+# SD1.5's own UNet layout (859.5 M parameters): attention in the first three of its four levels
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], num_heads=8, context_dim=768,
@@ -82,8 +82,9 @@ def random_sd15(tiny: bool, dtype: torch.dtype | None = None):
                                             offload_device=mm.unet_offload_device())
 
 
-def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An SD1.5 checkpoint ComfyUI's CheckpointLoaderSimple detects and loads whole."""
+def save_tiny_checkpoint(path: Path, seed: int = 0, full_layout: bool = False) -> Path:
+    """An SD1.5 checkpoint ComfyUI's CheckpointLoaderSimple detects and loads whole: the tiny UNet, or with
+    `full_layout` SD1.5's own (2.1 GB in fp16; what packs that inject into every UNet level need)."""
     import comfy.ops
     import comfy.sd1_clip
     from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -92,8 +93,9 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # ComfyUI's CLIP copies an identity projection in at construction
         clip = comfy.sd1_clip.SDClipModel()
-    state = scaled_random(UNetModel(**UNET_CONFIG, operations=comfy.ops.disable_weight_init),
-                          "model.diffusion_model.", gen)
+    with torch.device("meta"):  # shapes only
+        unet = UNetModel(**(SD15_UNET if full_layout else UNET_CONFIG), operations=comfy.ops.disable_weight_init)
+    state = scaled_random(unet, "model.diffusion_model.", gen)
     state |= scaled_random(clip, "cond_stage_model.", gen)
     state |= scaled_random(Encoder(double_z=True, **VAE_CONFIG), "first_stage_model.encoder.", gen)
     state |= scaled_random(Decoder(**VAE_CONFIG), "first_stage_model.decoder.", gen)
@@ -111,4 +113,18 @@ def save_tiny_controlnet(path: Path, seed: int = 1) -> Path:
     config = {k: v for k, v in UNET_CONFIG.items() if k not in ("out_channels", "adm_in_channels")}
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
     save_file(scaled_random(net, "control_model.", torch.Generator().manual_seed(seed)), str(path))
+    return path
+
+
+def save_clip_vision_vit_l(path: Path, seed: int = 2) -> Path:
+    """A CLIP vision ViT-L/14 (304 M parameters, 0.6 GB in fp16): the smallest image encoder ComfyUI's
+    clip_vision loader detects, in the layout it reads."""
+    import json
+
+    import comfy.clip_model
+    import comfy.ops
+
+    config = json.loads((Path(comfy.clip_model.__file__).parent / "clip_vision_config_vitl.json").read_text())
+    model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
+    save_file(scaled_random(model, "", torch.Generator().manual_seed(seed)), str(path))
     return path

@@ -5,33 +5,13 @@ call every row's context is connector(its prompt, that call's timestep), in ever
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from pack_models import ADE, save_motion_module
 from packs import import_pack
-from safetensors.torch import save_file
 from test_nodes_sampling import CONNECTOR, Env, UNetSpy, encode, match_frame_rows, match_sides, sample
 
-ADE = "ComfyUI-AnimateDiff-Evolved"
 FRAMES, LENGTH, OVERLAP = 3, 2, 1  # ADE's static windows: frames 0-1 and 1-2
-
-
-def _save_motion_module(ade, path: Path) -> Path:
-    """A random v2 motion module (SD1.5, mid block, 1 attention block per transformer: the fewest ADE's loader
-    takes), its key set taken from ADE's own model class so the loader accepts it whole."""
-    mm = sys.modules[f"{ADE}.animatediff.motion_module_ad"]
-    info = mm.AnimateDiffInfo("SD1.5", mm.AnimateDiffFormat.ANIMATEDIFF, mm.AnimateDiffVersion.V2, path.name)
-    probe = {"down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0."
-             "pos_encoder.pe": torch.zeros(1, 32, 1280),
-             "mid_block.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(1)}
-    gen = torch.Generator().manual_seed(5)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in mm.AnimateDiffModel(probe, info).state_dict().items()}
-    state = {k: (torch.randn(s, generator=gen) * 0.02).half() for k, s in shapes.items()}
-    save_file(state, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +33,7 @@ def env(tmp_path_factory):
     folder_paths.add_model_folder_path("ella", str(base / "ella"))
     folder_paths.add_model_folder_path("clip", str(base / "text_encoders"))
     folder_paths.add_model_folder_path("animatediff_models", str(base / "animatediff_models"))
-    _save_motion_module(ade, base / "animatediff_models" / "mm-tiny-v2.safetensors")
+    save_motion_module(base / "animatediff_models" / "mm-tiny-v2.safetensors")
     unet = random_sd15(tiny=False, dtype=torch.float32)  # ADE injects into SD1.5's 4-level block layout
     n = pack.nodes
     ella = n.loaders.LoadEllaModel().load("ella-tiny.safetensors")[0]
@@ -111,17 +91,30 @@ def test_every_window_gets_each_rows_own_context(env, order, clip):
     assert len({t for _, t in seen}) == 2  # both steps, each at its own timestep
 
 
-def test_scheduled_clip_rows_per_frame_stay_per_frame(env):
-    """ELLA + CLIP where the CLIP part has a row per frame (what ADE's prompt scheduling gives): each window's
-    rows get ELLA's tokens for that timestep followed by their own frame's CLIP tokens."""
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """The full-size CLIP-L text model of a random tiny SD1.5 checkpoint, as Load Checkpoint gives it."""
+    import comfy.sd
+    from tiny_sd import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-sd15.safetensors")
+    return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)[1]
+
+
+def test_prompt_scheduling_as_ellas_clip_part_stays_per_frame(env, clip):
+    """ADE's Prompt Scheduling encodes with CLIP only (it cannot carry an ELLA prompt); its output as ELLA Text
+    Encode's clip_conditioning has a CLIP row per frame, and each window's rows get ELLA's tokens for that
+    timestep followed by their own frame's scheduled CLIP tokens."""
     env, ade_nodes = env
+    schedule = '"0": "a kite on the sand", "2": "a kite high in the clouds"'
+    scheduled = ade_nodes["ADE_PromptScheduling"]().create_schedule(schedule, clip, max_length=FRAMES)[0]
+    frames_clip = scheduled[0][0]
+    assert frames_clip.shape[0] == FRAMES  # frame 1 is interpolated between the two prompts
     model, _ = _animated(env.pack.nodes.apply.ApplyElla().apply(env.unet, env.ella)[0], ade_nodes)
-    frames_clip = torch.randn(FRAMES, 77, 768)
-    pos = encode(env, "a kite rising over a beach", clip=[[frames_clip, {}]])
+    pos = encode(env, "a kite rising over a beach", clip=scheduled)
     neg = encode(env, "")
     with UNetSpy(env.unet) as spy:
         sample(model, pos, neg, steps=2, batch=FRAMES)
     covered = match_frame_rows(env, spy, pos, neg, frames_clip)
     assert covered == set(range(FRAMES))
     _windows(spy)
-
