@@ -114,3 +114,33 @@ def test_without_apply_ella_the_pack_workflow_stops_with_a_clear_error(server, n
     entry = server.run(without_apply_ella(small(ui_to_api(workflow, server.get("/object_info")))), timeout=1200)
     assert entry["status"]["status_str"] == "error"
     assert "ELLA conditioning reached a model without ELLA" in json.dumps(entry["status"]["messages"])
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    from browser import missing, start_chromium
+    from test_browser import wait_for_app
+
+    if missing():
+        pytest.skip(f"no headless browser: {missing()}")
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        driver.get(server.url)
+        wait_for_app(driver)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_PACKS))
+def test_pack_workflow_opens_in_the_page_with_every_node_known(server, page, name):
+    """Dragged into the page with the packs installed: no missing node types or errors, and the counter
+    under the ELLA prompt shows the route's count."""
+    from test_browser import encode_nodes, expected_label, load, route_count, wait_for_label
+
+    workflow = json.loads((ROOT / "workflows" / name).read_text())
+    result = load(page, workflow)
+    assert result["unknown"] == [] and result["errors"] == [] and not result["dialog"], result
+    assert sorted(result["types"]) == sorted(n["type"] for n in workflow["nodes"])
+    first = encode_nodes(workflow)[0]
+    wait_for_label(page, first["id"], expected_label(route_count(server, *first["widgets_values"])))
