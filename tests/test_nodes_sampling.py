@@ -213,9 +213,9 @@ def test_every_evaluation_gets_its_own_timesteps_context(env, sampler, scheduler
     pos, neg = encode(env, "a red cube on a blue sphere"), encode(env, "")
     with UNetSpy(unet) as spy:
         sample(model, pos, neg, sampler, scheduler, steps=5, denoise=denoise)
-    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
-    timesteps = sorted({t for _, t, _ in seen})
-    assert {name for name, _, _ in seen} == {"pos", "neg"}
+    seen = match_sides(env, spy, pos, neg)
+    timesteps = sorted({t for _, t in seen})
+    assert {name for name, _ in seen} == {"pos", "neg"}
     assert len(timesteps) >= 4  # the context followed the timesteps the sampler visited
     if sampler == "heun":
         assert len(spy.calls) == 2 * 5 - 1  # evaluations between steps got their own timestep too
@@ -278,8 +278,8 @@ def test_concat_of_ella_with_clip_puts_the_clip_tokens_after_ellas_at_every_step
     with UNetSpy(unet) as spy:
         sample(model, pos, neg, "dpmpp_2m", "karras", steps=4)
     assert {c.shape[1] for _, c, _, _ in spy.calls} == {CONNECTOR.num_latents + 77}
-    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
-    assert {name for name, _, _ in seen} == {"pos", "neg"} and len({t for _, t, _ in seen}) == 4
+    seen = match_sides(env, spy, pos, neg)
+    assert {name for name, _ in seen} == {"pos", "neg"} and len({t for _, t in seen}) == 4
 
 
 def test_concat_tails_of_other_lengths_are_not_mixed_up_when_batched(env):
@@ -292,8 +292,8 @@ def test_concat_tails_of_other_lengths_are_not_mixed_up_when_batched(env):
     neg = encode(env, "")
     with UNetSpy(unet) as spy:
         sample(model, pos, neg, steps=3)
-    seen = match_rows(env, spy, {"pos": pos, "neg": neg})
-    assert {name for name, _, _ in seen} == {"pos", "neg"}
+    seen = match_sides(env, spy, pos, neg)
+    assert {name for name, _ in seen} == {"pos", "neg"}
 
 
 def test_ella_plus_clip_appends_clip_tokens(env):
@@ -305,7 +305,7 @@ def test_ella_plus_clip_appends_clip_tokens(env):
     with UNetSpy(unet) as spy:
         sample(model, pos, encode(env, "blurry"), steps=2)
     assert {c.shape[1] for _, c, _, _ in spy.calls} == {CONNECTOR.num_latents + 154, CONNECTOR.num_latents}
-    match_rows(env, spy, {"pos": pos, "neg": encode(env, "blurry")})
+    match_sides(env, spy, pos, encode(env, "blurry"))
 
 
 def test_timestep_ranges_pick_the_prompt_per_evaluation(env):
@@ -352,7 +352,7 @@ def test_wrapper_installed_before_is_still_called(env):
     with UNetSpy(unet) as spy:
         sample(model, pos, neg, steps=2)
     assert calls == [CONNECTOR.num_latents] * 2
-    match_rows(env, spy, {"pos": pos, "neg": neg})
+    match_sides(env, spy, pos, neg)
 
 
 def test_input_model_untouched_apply_twice_does_not_stack_and_remove_restores(env):
@@ -525,7 +525,7 @@ def test_weighting_with_clip_keeps_the_clip_tokens_and_weights_the_ella_part(env
     assert pos[0][1]["model_conds"]["ella_prompt"].cond[0].mask.max() == pytest.approx(1.4)
     with UNetSpy(unet) as spy:
         sample(model, pos, encode(env, "blurry"), steps=2)
-    match_rows(env, spy, {"pos": pos, "neg": encode(env, "blurry")})
+    match_sides(env, spy, pos, encode(env, "blurry"))
 
 
 @pytest.mark.parametrize("text", [
@@ -551,7 +551,7 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     with RowCounter(unet, builder) as rows, UNetSpy(unet) as spy:
         sample(model, pos, neg, sampler=sampler, steps=5)
     counts = rows.counts
-    match_rows(env, spy, {"pos": pos, "neg": neg})  # looked-up rows are the connector's rows for each timestep
+    match_sides(env, spy, pos, neg)  # looked-up rows are the connector's rows for each timestep
     distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
     if pack.nodes.host.HOST.keyed:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
         assert counts[0] == 2 * 5
@@ -705,7 +705,7 @@ def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
             comfy.sample.sample_custom(model, torch.randn(1, 4, 8, 8), 5.0, comfy.samplers.sampler_object("dpmpp_2m"),
                                        sigmas, pos, neg, torch.zeros(1, 4, 8, 8), seed=0)
         assert rows.counts[0] == rows.counts[-1] == 2 * 5  # every run's rows up front, at its first evaluation
-        match_rows(env, spy, {"pos": pos, "neg": neg})
+        match_sides(env, spy, pos, neg)
 
 
 def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
