@@ -9,6 +9,7 @@ ComfyUI the frontend of comfyui-frontend-package."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -76,9 +77,16 @@ for (const node of app.graph._nodes.filter((n) => n.type === type)) node.widgets
 
 @pytest.fixture(scope="module")
 def page(server, t5s, tmp_path_factory):  # noqa: F811
-    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
+    with open_page(server.url, tmp_path_factory.mktemp("chromium-profile")) as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def open_page(url: str, profile):
+    """Chromium on the ComfyUI page at `url`, loaded, first-visit dialogs closed; quit afterwards."""
+    driver = start_chromium(profile)
     try:
-        driver.get(server.url)
+        driver.get(url)
         wait_for_app(driver)
         yield driver
     finally:

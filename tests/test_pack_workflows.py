@@ -118,18 +118,13 @@ def test_without_apply_ella_the_pack_workflow_stops_with_a_clear_error(server, n
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    from browser import missing, start_chromium
-    from test_browser import wait_for_app
+    from browser import missing
+    from test_browser import open_page
 
     if missing():
         pytest.skip(f"no headless browser: {missing()}")
-    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
-    try:
-        driver.get(server.url)
-        wait_for_app(driver)
+    with open_page(server.url, tmp_path_factory.mktemp("chromium-profile")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_PACKS))
