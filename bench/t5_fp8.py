@@ -35,6 +35,8 @@ def make_file(work: Path, tiny: bool, layers: int | None) -> Path:
     from safetensors.torch import save_file
     from transformers import T5Config, T5EncoderModel
 
+    from tests.t5_fixtures import REAL_TOKENIZER_DIR
+
     config = dict(TINY if tiny else XL, **({"num_layers": layers} if layers else {}))
     path = work / f"t5-{config['num_layers']}x{config['d_model']}-t5-init" / "encoder-fp16.safetensors"
     if path.exists():
@@ -49,7 +51,7 @@ def make_file(work: Path, tiny: bool, layers: int | None) -> Path:
     part = path.with_suffix(".part")
     save_file(state, str(part))
     part.rename(path)
-    tokenizer = ROOT.parent / "shared" / "data" / "t5_tokenizer" / "tokenizer.json"
+    tokenizer = REAL_TOKENIZER_DIR / "tokenizer.json"
     (path.parent / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return path
 

@@ -22,9 +22,11 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def make_files(work: Path, tiny: bool) -> dict[str, Path]:
-    """An HF folder (fp32 weights) and a single encoder-only fp16 file, with the shared tokenizer beside."""
+    """An HF folder (fp32 weights) and a single encoder-only fp16 file, with the real T5 tokenizer beside."""
     from safetensors.torch import save_file
     from transformers import T5Config, T5EncoderModel
+
+    from tests.t5_fixtures import REAL_TOKENIZER_DIR
 
     folder, single = work / "flan-t5-xl", work / "single" / "flan-t5-xl-encoder-fp16.safetensors"
     if not (folder / "model.safetensors").exists():
@@ -39,7 +41,7 @@ def make_files(work: Path, tiny: bool) -> dict[str, Path]:
         save_file(state, str(folder / "model.safetensors"))
         single.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.half() for k, v in state.items()}, str(single))
-        tokenizer = ROOT.parent / "shared" / "data" / "t5_tokenizer" / "tokenizer.json"
+        tokenizer = REAL_TOKENIZER_DIR / "tokenizer.json"
         for target in (folder, single.parent):
             (target / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return {"folder": folder, "single": single}

@@ -8,7 +8,6 @@ be mapped exactly stays too, beside a Note that says why.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,17 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EllaError, fenced
+from .workflow_schema import MAX_WORKFLOW_CHARS, ConversionError, check_workflow, pair, parse_workflow
+
+__all__ = ["MAX_WORKFLOW_CHARS", "ConversionError", "NothingToConvert", "Result", "convert", "load_table",
+           "parse_workflow", "read_workflow"]
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "web" / "official_ella_nodes.json"
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a workflow file or PNG larger than this is refused before reading
-MAX_WORKFLOW_CHARS = 16 * 1024 * 1024
-MAX_NODES = 10_000
 NOTE_MARK = "ella_conversion"  # property on a kept node and on its Note: both are left alone next time
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class ConversionError(EllaError):
-    """The input cannot be converted; the message says what was expected."""
 
 
 class NothingToConvert(ConversionError):
@@ -84,57 +81,63 @@ def _png_workflow(path: Path) -> str:
     return text if isinstance(text, str) else str(text)
 
 
-def parse_workflow(text: str, name: str = "workflow") -> dict:
-    """`text` as a UI-format workflow, checked for the fields the converter reads."""
-    if len(text) > MAX_WORKFLOW_CHARS:
-        raise ConversionError(f"{name}: {len(text)} characters; a workflow over {MAX_WORKFLOW_CHARS} is not read.")
-    try:
-        workflow = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ConversionError(f"{name}: not valid JSON ({str(e)[:200]}).") from None
-    _check(workflow, name)
-    return workflow
-
-
-def _check(workflow: Any, name: str) -> None:
-    if not isinstance(workflow, dict):
-        raise ConversionError(f"{name}: a workflow is a JSON object with 'nodes' and 'links'; got {type(workflow).__name__}.")
-    if "nodes" not in workflow and all(isinstance(v, dict) and "class_type" in v for v in workflow.values()):
-        raise ConversionError(f"{name}: this is an API-format prompt; save the workflow itself (Workflow > Save, "
-                              "or Export) and convert that.")
-    nodes, links = workflow.get("nodes"), workflow.get("links", [])
-    if not isinstance(nodes, list) or not isinstance(links, list):
-        raise ConversionError(f"{name}: 'nodes' and 'links' must be lists.")
-    if len(nodes) > MAX_NODES:
-        raise ConversionError(f"{name}: {len(nodes)} nodes; at most {MAX_NODES} are read.")
-    ids = set()
-    for i, node in enumerate(nodes):
-        if not (isinstance(node, dict) and isinstance(node.get("id"), int) and isinstance(node.get("type"), str)):
-            raise ConversionError(f"{name}: nodes[{i}] needs an integer 'id' and a string 'type'.")
-        for key in ("inputs", "outputs"):
-            if not isinstance(node.get(key, []), list) or not all(isinstance(s, dict) for s in node.get(key, [])):
-                raise ConversionError(f"{name}: node {node['id']}: '{key}' must be a list of objects.")
-        if node["id"] in ids:
-            raise ConversionError(f"{name}: node id {node['id']} appears twice.")
-        ids.add(node["id"])
-    for i, link in enumerate(links):
-        if not (isinstance(link, list) and len(link) >= 5 and all(isinstance(v, int) for v in link[:5])):
-            raise ConversionError(f"{name}: links[{i}] must be [id, from node, from slot, to node, to slot, type].")
-
-
 def official_nodes(workflow: dict, table: dict) -> list[dict]:
     """The official ComfyUI-ELLA nodes still to convert (kept ones, marked last time, are not)."""
     return [n for n in workflow["nodes"] if n["type"] in table["official"]
             and NOTE_MARK not in (n.get("properties") or {})]
 
 
-def convert(workflow: dict, table: dict | None = None) -> Result:
-    """A converted copy of `workflow`. Raises NothingToConvert when it has no official node left to convert."""
+def convert(workflow: dict, table: dict | None = None, name: str = "workflow") -> Result:
+    """A converted copy of `workflow` (named `name` in errors); `workflow` itself is left as it was. Raises
+    NothingToConvert when it has no official node left to convert, ConversionError when it cannot be read."""
     table = load_table() if table is None else table
-    _check(workflow, "workflow")
+    check_workflow(workflow, name)
     if not official_nodes(workflow, table):
         raise NothingToConvert("no ComfyUI-ELLA nodes to convert in this workflow (it may be converted already).")
-    return _Converter(copy.deepcopy(workflow), table).run()
+    _refuse_loops(workflow, table, name)
+    return _Converter(_editable_copy(workflow), table).run()
+
+
+def _editable_copy(workflow: dict) -> dict:
+    """A copy of what the converter changes (the node list, each node's slots and properties), sharing the rest
+    (widget values, groups, extra) with `workflow`, which stays as it was."""
+    def node_copy(node: dict) -> dict:
+        copied = {**node, "inputs": [dict(s) for s in node.get("inputs", [])],
+                  "outputs": [{**s, "links": list(s.get("links") or [])} for s in node.get("outputs", [])]}
+        if isinstance(node.get("properties"), dict):
+            copied["properties"] = dict(node["properties"])
+        return copied
+    return {**workflow, "nodes": [node_copy(n) for n in workflow["nodes"]], "links": list(workflow.get("links", []))}
+
+
+def _refuse_loops(workflow: dict, table: dict, name: str) -> None:
+    """Refuse a workflow whose links between official nodes form a loop (ComfyUI cannot run one), naming it.
+    An iterative depth-first search: each node and link is visited once."""
+    official = {n["id"]: n["type"] for n in workflow["nodes"] if n["type"] in table["official"]}
+    feeds: dict[int, list[int]] = {}
+    for link in workflow.get("links", []):
+        if link[1] in official and link[3] in official:
+            feeds.setdefault(link[1], []).append(link[3])
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+    for start in official:
+        if start in state:
+            continue
+        path, stack = [start], [iter(feeds.get(start, ()))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                loop = path[path.index(nxt):] + [nxt]
+                shown = " -> ".join(f"#{nid} {official[nid]}" for nid in loop[:8]) + (" -> ..." if len(loop) > 8 else "")
+                raise ConversionError(f"{name}: ComfyUI-ELLA nodes feed each other in a loop ({shown}); ComfyUI "
+                                      "cannot run a loop. Remove one of its links and convert again.")
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(feeds.get(nxt, ())))
 
 
 Source = tuple[int, int]  # (node id, output slot)
@@ -159,20 +162,17 @@ class _Converter:
                     self.conn[node["id"]][slot["name"]] = (link[1], link[2])
                     self.input_types[node["id"]][slot["name"]] = str(slot.get("type", ""))
         self.redirect: dict[Source, Source | None] = {}  # outputs of removed or changed official slots
+        self.shortcuts: dict[Source, Source | None] = {}  # _resolve's answers
         self.todo = official_nodes(workflow, table)
         self.next_id = max([workflow.get("last_node_id") or 0, *self.nodes]) + 1
         # what the official graph says, read before any node changes
         self.original = {nid: dict(inputs) for nid, inputs in self.conn.items()}
         self.types = {nid: n["type"] for nid, n in self.nodes.items()}
-        self.users: dict[Source, list[int]] = {}
-        for target, inputs in self.original.items():
-            for source in inputs.values():
-                self.users.setdefault(source, []).append(target)
         loader = self.rules["T5TextEncoderLoader #ELLA"]
         self.max_lengths = {nid: self._official_values(n, loader).get("max_length") for nid, n in self.nodes.items()
                             if n["type"] == "T5TextEncoderLoader #ELLA"}
-        self.feeds_encoders = {n["id"] for n in self.todo if n["type"] == "SetEllaTimesteps"
-                               and self._feeds_encoders(n["id"], set())}
+        self.kinds: dict[Source, str] = {}  # _kind_of's answers
+        self.feeds_encoders = self._set_timesteps_feeding_encoders()
         self.patched: dict[Source, int] = {}  # model source -> the Apply ELLA put on it for Set ELLA Timesteps
 
     # --- the steps
@@ -203,10 +203,33 @@ class _Converter:
                 return "its embeds input already holds a T5 prompt, which this node would replace"
         return None
 
-    def _kind_of(self, source: Source | None, depth: int = 0) -> str:
-        """'t5' if the official ELLA_EMBEDS (or conditioning) at `source` holds a T5 prompt, else 'clip'."""
-        if source is None or depth > 100:
+    def _kind_of(self, source: Source | None) -> str:
+        """'t5' if the official ELLA_EMBEDS (or conditioning) at `source` holds a T5 prompt, else 'clip' ('none'
+        for no source). Memoized and walked with a stack: each output is looked at once per conversion."""
+        if source is None:
             return "none"
+        kinds, stack, opened = self.kinds, [source], set()
+        while stack:
+            current = stack[-1]
+            if current in kinds:
+                stack.pop()
+                continue
+            found = self._kind_here(current)
+            if isinstance(found, str):
+                kinds[current] = found
+                stack.pop()
+                continue
+            waiting = [s for s in found if s not in kinds]
+            if waiting and current not in opened:  # look at its inputs first, then come back
+                opened.add(current)
+                stack.extend(waiting)
+                continue
+            kinds[current] = "t5" if any(kinds.get(s) == "t5" for s in found) else "clip"
+            stack.pop()
+        return kinds[source]
+
+    def _kind_here(self, source: Source) -> str | list[Source]:
+        """What `source` is by itself ('t5' or 'clip'), or the sources its kind follows from."""
         kind = self.types.get(source[0])
         if kind not in self.rules:
             return "clip"
@@ -215,18 +238,20 @@ class _Converter:
         rule = self.rules[kind]
         names = [out[len("input:"):] for out in rule["outputs"] if isinstance(out, str) and out.startswith("input:")]
         names += list(rule.get("inputs", {})) if rule["to"] == "ConditioningConcat" else []
-        found = [self._kind_of(self.original[source[0]].get(name), depth + 1) for name in names]
-        return "t5" if "t5" in found else "clip"
+        inputs = self.original[source[0]]
+        return [inputs[name] for name in names if inputs.get(name) is not None]
 
-    def _feeds_encoders(self, nid: int, seen: set[int]) -> bool:
-        """Whether official ELLA Encode / ELLA Text Encode nodes take this node's ELLA (in the original graph)."""
-        seen.add(nid)
-        for target in self.users.get((nid, 0), []):
-            kind = self.types.get(target)
-            if kind in ("EllaEncode", "EllaTextEncode") or (
-                    kind == "SetEllaTimesteps" and target not in seen and self._feeds_encoders(target, seen)):
-                return True
-        return False
+    def _set_timesteps_feeding_encoders(self) -> set[int]:
+        """The Set ELLA Timesteps nodes whose ELLA reaches official ELLA Encode / ELLA Text Encode nodes, directly or
+        through other Set ELLA Timesteps (in the original graph): walked back from the encoders, once each."""
+        found: set[int] = set()
+        queue = [nid for nid, kind in self.types.items() if kind in ("EllaEncode", "EllaTextEncode")]
+        while queue:
+            for source in self.original[queue.pop()].values():
+                if source[1] == 0 and self.types.get(source[0]) == "SetEllaTimesteps" and source[0] not in found:
+                    found.add(source[0])
+                    queue.append(source[0])
+        return found
 
     def _replace(self, node: dict, rule: dict) -> None:
         nid, target = node["id"], self.table["targets"][rule["to"]]
@@ -277,7 +302,7 @@ class _Converter:
         if model is None or ella is None or nid not in self.feeds_encoders or model in self.patched:
             return False  # nothing to patch, or already patched (a second Set ELLA Timesteps on that model)
         self.patched[model] = nid
-        self.redirect.pop((nid, 0))
+        self._unredirect((nid, 0))
         self.conn[nid] = {"model": model, "ella": ella}
         self.input_types[nid] = {"model": "MODEL", "ella": "ELLA_CONNECTOR"}
         self._retype(node, "EllaNodes_ApplyElla", [])
@@ -365,15 +390,27 @@ class _Converter:
         return length if isinstance(length, int) and not isinstance(length, bool) and 0 < length <= 512 else 0
 
     def _resolve(self, source: Source | None) -> Source | None:
-        seen = set()
-        while source is not None and source in self.redirect and source not in seen:
+        """Where `source` leads once redirects are followed. Each walk leaves shortcuts behind, so long chains of
+        removed nodes are walked once, not once per user; a shortcut's end is followed on if it was redirected
+        since, and `_unredirect` drops them all."""
+        walked, seen = [], set()
+        while source is not None and source not in seen:
             seen.add(source)
-            source = self.redirect[source]
+            jump = self.shortcuts.get(source, source)
+            if jump == source and source not in self.redirect:
+                break
+            walked.append(source)
+            source = jump if jump != source else self.redirect[source]
+        for step in walked:
+            self.shortcuts[step] = source
         return source
 
+    def _unredirect(self, source: Source) -> None:
+        self.redirect.pop(source)
+        self.shortcuts.clear()
+
     def _new_node(self, kind: str, near: dict, values: list, dy: int) -> dict:
-        pos = near.get("pos") if isinstance(near.get("pos"), list) and len(near["pos"]) == 2 else [0, 0]
-        size = near.get("size") if isinstance(near.get("size"), list) and len(near["size"]) == 2 else [300, 100]
+        pos, size = pair(near.get("pos")) or (0, 0), pair(near.get("size")) or (300, 100)
         node = {"id": self.next_id, "type": kind,
                 "pos": [pos[0], pos[1] + (size[1] + 40 if dy > 0 else -140)],
                 "size": [size[0], 100], "flags": {}, "order": near.get("order", 0), "mode": near.get("mode", 0),

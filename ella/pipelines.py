@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from .connector_folder import CONFIG_NAME, load_connector_folder, save_connector
 from .connector_loading import load_connector
 from .containment import Roots, contained, default_roots
 from .errors import EllaError, EllaLoadError, fenced
+from .pipeline_configs import check_pipeline_configs
 from .t5 import T5Encoder, load_t5
 from .t5_files import TOKENIZER_NAMES, read_small_text, shard_files
 from .t5_tokenizer import prompt_list
@@ -144,7 +145,7 @@ class _EllaPipeline(StableDiffusionPipeline):
         folder = Path(path).expanduser()
         roots = [folder]
         variant = kwargs.get("variant")
-        _check_pipeline_folder(folder, roots, variant)
+        _check_pipeline_folder(folder, roots, variant, passed=kwargs)
         kwargs |= {"local_files_only": True, "use_safetensors": True}
         with fenced(folder, "a diffusers Stable Diffusion 1.x folder (model_index.json, unet/, vae/, scheduler/)"):
             sd = StableDiffusionPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, **kwargs)
@@ -300,9 +301,10 @@ class EllaFlexDiffusionPipeline(_EllaPipeline):
 _SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 
 
-def _check_pipeline_folder(folder: Path, roots: Roots, variant: str | None) -> None:
+def _check_pipeline_folder(folder: Path, roots: Roots, variant: str | None, passed: Collection[str] = ()) -> None:
     """Refuse a folder that is not a local diffusers SD folder, naming what is missing, before diffusers reads it;
-    every file diffusers will open must resolve inside the folder and be safetensors."""
+    every file diffusers will open must resolve inside the folder and be safetensors, and every config of a
+    component it will load (all but the `passed` ones) must be within caps and match its weights."""
     if not folder.is_dir():
         raise EllaLoadError(f"{folder}: not a folder; expected a diffusers pipeline folder (model_index.json, unet/, "
                             "vae/, scheduler/), e.g. one written by save_pretrained.")
@@ -335,6 +337,7 @@ def _check_pipeline_folder(folder: Path, roots: Roots, variant: str | None) -> N
                 contained(file, roots)
     for index in folder.glob("*/*.safetensors.index*.json"):  # diffusers/transformers prefer an index if present
         shard_files(index, roots)
+    check_pipeline_configs(folder, roots, data, variant, passed)
 
 
 def _load_any_connector(folder: Path, roots: Roots, ella_path: str | os.PathLike | None, variant: str | None,

@@ -142,9 +142,29 @@ class T5Encoder(torch.nn.Module):
             return
         rows = ", ".join(str(i + 1) for i in bad.nonzero().flatten().tolist())
         dtype = str(features.dtype).removeprefix("torch.")
-        advice = ("T5 overflowed in float16; load T5 as bfloat16 or float32" if dtype == "float16"
-                  else "the T5 weights may be damaged; download them again")
+        damaged = self.non_finite_weights()
+        if damaged:
+            advice = (f"the stored weights hold inf/NaN ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): "
+                      "the file is damaged, download it again (another dtype will not help)")
+        elif dtype == "float16":
+            advice = "T5 overflowed in float16; load T5 as bfloat16 or float32"
+        else:
+            advice = "the T5 weights may be damaged; download them again"
         raise EllaError(f"{self.path}: T5 produced non-finite features (inf/NaN) in {dtype} for prompt(s) {rows}; {advice}.")
+
+    def non_finite_weights(self) -> list[str]:
+        """Names of the weights holding inf or NaN as stored (fp8 included); read only after a failed encode."""
+        names = []
+        with torch.no_grad():
+            for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(_widened(tensor)).all():
+                    names.append(name)
+        return names
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in a dtype torch.isfinite takes on every device (8-bit floats are cast up)."""
+    return tensor.half() if tensor.element_size() == 1 else tensor
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -2,23 +2,20 @@
 pack, with the same converter (and mapping table) as scripts/convert_official_workflow.py.
 
 Body: the UI-format workflow (a JSON object). Reply: {"workflow", "converted", "kept"}, or a 4xx
-{"error": message} saying what was expected.
+{"error": message} saying what was expected (503 while the route's own pool is full). Parsing, checking,
+converting and writing the reply all happen in that pool, off the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from aiohttp import web
 
 from ..ella.official_workflow import MAX_WORKFLOW_CHARS, ConversionError, convert, parse_workflow
-from .routes import BadRequest, add_post_route, read_capped
-
-log = logging.getLogger("ELLA")
+from .http import BadRequest, BoundedPool, add_post_route, answer, json_bytes, json_reply, read_capped
 
 ROUTE = "/ella/convert_official"
 MAX_BODY_BYTES = 4 * MAX_WORKFLOW_CHARS  # a workflow of MAX_WORKFLOW_CHARS characters, UTF-8 encoded
+POOL = BoundedPool("convert", workers=1, waiting=2, what="workflow conversions")
 _registered = False
 
 
@@ -29,22 +26,23 @@ def register_convert_route() -> None:
 
 
 async def convert_route(request: web.Request) -> web.Response:
-    try:
+    return await answer(request, "workflow conversion", _convert_request, lambda e: {"error": e.message})
+
+
+async def _convert_request(request: web.Request) -> web.Response:
+    with POOL.admit():
         raw = await read_capped(request, MAX_BODY_BYTES, "a workflow that large is not converted.")
-        result = await asyncio.to_thread(_convert, raw)
-        return web.json_response({"workflow": result.workflow, "converted": result.converted, "kept": result.kept})
-    except BadRequest as e:
-        return web.json_response({"error": e.message}, status=e.status)
-    except ConversionError as e:
-        return web.json_response({"error": str(e)}, status=400)
-    except Exception:  # a bug of ours: a 500 with a message, never a dropped connection
-        log.exception("ELLA: workflow conversion failed")
-        return web.json_response({"error": "internal error while converting; see the server log"}, status=500)
+        return json_reply(await POOL.run(_convert, raw))
 
 
-def _convert(raw: bytes):
+def _convert(raw: bytes) -> bytes:
+    """The reply's bytes for a request body (runs in the pool)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConversionError("request body: not UTF-8 text; expected the workflow as JSON.") from None
-    return convert(parse_workflow(text, "request body"))
+        raise BadRequest(400, None, "request body: not UTF-8 text; expected the workflow as JSON.") from None
+    try:
+        result = convert(parse_workflow(text, "request body"), name="request body")
+    except ConversionError as e:
+        raise BadRequest(400, None, str(e)) from None
+    return json_bytes({"workflow": result.workflow, "converted": result.converted, "kept": result.kept})

@@ -2,53 +2,30 @@
 
 Body: {"text": str, "t5_name": str | null, "max_length": int 1..512 | null}. Every value is checked;
 bad input gets a 4xx reply {"error": message, "field": name}. Tokenizer files are parsed and prompts
-counted in a small pool of worker threads of our own, so a flood of requests (or a slow, hostile
-tokenizer file) queues there and never holds the event loop or the threads other routes use.
+counted in a small pool of worker threads of our own that admits a bounded number of requests (a 503 beyond
+it), so a flood of requests (or a slow, hostile tokenizer file) never holds the event loop or the threads
+other routes use.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
 from ..ella import EllaError, EllaLoadError
 from ..ella.t5_tokenizer import T5_MAX_TOKENS, check_encodable
+from .http import BadRequest, BoundedPool, add_post_route, answer, json_bytes, json_reply, read_capped
 from .token_count import NoTokenizer, UnknownT5, count_tokens, tokenizer_for
-
-log = logging.getLogger("ELLA")
 
 ROUTE = "/ella/tokens"
 MAX_TEXT_CHARS = 65_536
 MAX_BODY_BYTES = 4 * MAX_TEXT_CHARS + 4096  # room for JSON escapes of the longest text
 MAX_NAME_CHARS = 1024
 FIELDS = ("text", "t5_name", "max_length")
-WORKERS = 2
-_pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ella-tokens")
+POOL = BoundedPool("tokens", workers=2, waiting=14, what="token counts")
 _registered = False
-
-
-class BadRequest(Exception):
-    """A client error: HTTP status, the field at fault and a message saying what was expected."""
-
-    def __init__(self, status: int, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.field, self.message = status, field, message
-
-
-def add_post_route(path: str, handler: Any) -> bool:
-    """Add a POST route to ComfyUI's running server; False outside a server (nothing to do)."""
-    server = sys.modules.get("server")  # ComfyUI's main.py imports it before loading custom nodes
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        return False
-    instance.routes.post(path)(handler)
-    return True
 
 
 def register_routes() -> None:
@@ -59,16 +36,13 @@ def register_routes() -> None:
 
 async def count_route(request: web.Request) -> web.Response:
     """Count the T5 tokens of a prompt as ELLA Text Encode will feed them to T5."""
-    try:
-        text, t5_name, max_length = parse_body(await read_capped(request, MAX_BODY_BYTES))
-        reply = await asyncio.get_running_loop().run_in_executor(_pool, count, text, t5_name, max_length)
-        return web.json_response(reply)
-    except BadRequest as e:
-        return web.json_response({"error": e.message, "field": e.field}, status=e.status)
-    except Exception:  # a bug of ours: a 500 with a message, never a dropped connection
-        log.exception("ELLA: token count failed")
-        return web.json_response({"error": "internal error while counting tokens; see the server log",
-                                  "field": None}, status=500)
+    return await answer(request, "token count", _count_request, lambda e: {"error": e.message, "field": e.field})
+
+
+async def _count_request(request: web.Request) -> web.Response:
+    with POOL.admit():
+        raw = await read_capped(request, MAX_BODY_BYTES, f"send at most {MAX_TEXT_CHARS} characters of text.")
+        return json_reply(await POOL.run(lambda: json_bytes(count(*parse_body(raw)))))
 
 
 def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, Any]:
@@ -92,19 +66,6 @@ def count(text: str, t5_name: str | None, max_length: int | None) -> dict[str, A
         raise BadRequest(400, "text", f"text: {e}") from None
     return {"tokens": counted.tokens, "limit": counted.limit, "cut": counted.cut, "mode": counted.mode,
             "tokenizer": source}
-
-
-async def read_capped(request: web.Request, limit: int,
-                      advice: str = f"send at most {MAX_TEXT_CHARS} characters of text.") -> bytes:
-    """The request body, refusing bodies over `limit` bytes without reading them whole."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(413, None, f"request body: {request.content_length} bytes, more than {limit}; {advice}")
-    body = bytearray()
-    while chunk := await request.content.read(65_536):
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, None, f"request body: more than {limit} bytes; {advice}")
-    return bytes(body)
 
 
 def parse_body(raw: bytes) -> tuple[str, str | None, int | None]:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", type=Path, help="where to write the converted workflow (.json)")
     args = parser.parse_args(argv)
     try:
-        result = convert(read_workflow(args.source))
+        result = convert(read_workflow(args.source), name=str(args.source))
     except NothingToConvert as e:
         print(f"{args.source}: {e} Nothing written.", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Shared pytest setup: the repository root on sys.path, and the shared test data."""
+"""Shared pytest setup: the repository root on sys.path, and the test data that ships in tests/data."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 @pytest.fixture(scope="session")
 def t5_tokenizer_dir() -> Path:
-    """The real T5 vocabulary (tokenizer.json) shipped in ../shared/data for tests."""
-    path = SHARED_DATA / "t5_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.fail(f"test data missing: {path}/tokenizer.json (clone the repo beside ../shared)")
-    return path
+    """The real T5 vocabulary (tokenizer.json): tests/data/t5_tokenizer, or $ELLA_T5_TOKENIZER_DIR."""
+    from t5_fixtures import REAL_TOKENIZER_DIR
+
+    if not (REAL_TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.fail(f"test data missing: {REAL_TOKENIZER_DIR}/tokenizer.json")
+    return REAL_TOKENIZER_DIR

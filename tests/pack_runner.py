@@ -1,37 +1,44 @@
-"""Other packs in tests: ../shared/packs unpacked into a folder of custom nodes, and what runs in a fresh
-Python (other packs patch ComfyUI when imported or when sampling, so nothing of theirs may leak into the
-other tests)."""
+"""Other packs in tests: pinned upstream trees (tests/upstream.py) unpacked into a folder of custom nodes, and
+what runs in a fresh Python (other packs patch ComfyUI when imported or when sampling, so nothing of theirs may
+leak into the other tests)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
+import pytest
+import upstream
+
 TESTS = Path(__file__).resolve().parent
-PACKS = Path(os.environ.get("ELLA_PACKS", TESTS.parents[1] / "shared" / "packs"))
 ADE, IPA = "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus"
 # the shipped workflows that need other packs, and which
 WORKFLOW_PACKS = {"ella_animatediff.json": (ADE,), "ella_ipadapter.json": (IPA,)}
 
 
-def have(name: str) -> bool:
-    return (PACKS / f"{name}.tar.gz").is_file()
+def need(*names: str) -> None:
+    """Skip the test, with one line saying what is missing, unless every pack is in ../shared or fetchable."""
+    missing = {}
+    for name in names:
+        try:
+            upstream.archive(name)
+        except upstream.Missing as error:
+            missing[name] = str(error)
+    if missing:
+        first, *others = missing
+        pytest.skip(missing[first] + (f" (also missing: {', '.join(others)})" if others else ""))
 
 
 def unpack(name: str, custom_nodes: Path) -> Path:
-    """`name`.tar.gz unpacked into `custom_nodes`, as a user installs it; returns its folder."""
-    with tarfile.open(PACKS / f"{name}.tar.gz") as tar:
-        tar.extractall(custom_nodes, filter="data")
-    return custom_nodes / name
+    """The pack unpacked into `custom_nodes`, as a user installs it; returns its folder."""
+    return upstream.unpack(name, custom_nodes)
 
 
 def _python(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "ELLA_PACKS": str(PACKS),
-                               "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "isolated")])})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "isolated")])})
 
 
 def run_isolated(name: str) -> None:

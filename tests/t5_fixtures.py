@@ -8,8 +8,8 @@ API for other test files:
     real_tokenizer_json() -> Path | None                 (the real T5 vocabulary, when present)
     reference_features(state_dict, config, input_ids, attention_mask) -> Tensor
 
-The real T5 tokenizer.json (32,100 tokens) is read from ../shared/data/t5_tokenizer or
-$ELLA_T5_TOKENIZER_DIR; without it a small stand-in T5-style vocabulary is written instead.
+The real T5 tokenizer.json (32,100 tokens) ships in tests/data/t5_tokenizer ($ELLA_T5_TOKENIZER_DIR names
+another folder); where a folder without it is named, a small stand-in T5-style vocabulary is written instead.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "t5_tokenizer"
-REAL_TOKENIZER_DIR = Path(os.environ.get("ELLA_T5_TOKENIZER_DIR", str(_SHARED)))
+SHIPPED_TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "t5_tokenizer"  # see its README.md
+REAL_TOKENIZER_DIR = Path(os.environ.get("ELLA_T5_TOKENIZER_DIR") or SHIPPED_TOKENIZER_DIR)
 AUTHORS_FOLDER = "models--google--flan-t5-xl--text_encoder"
 HF_CACHE_FOLDER = "models--google--flan-t5-tiny"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -55,7 +55,7 @@ PROMPTS = [
 
 
 def real_tokenizer_json() -> Path | None:
-    """The real T5 tokenizer.json if it is on this machine."""
+    """The real T5 tokenizer.json (tests/data/t5_tokenizer unless $ELLA_T5_TOKENIZER_DIR names another folder)."""
     path = REAL_TOKENIZER_DIR / "tokenizer.json"
     return path if path.is_file() else None
 

@@ -421,3 +421,28 @@ def test_declining_the_conversion_leaves_the_workflow_as_loaded(page):
     close_dialogs(page)
     types = page.execute_script("return app.graph._nodes.map((n) => n.type)")
     assert "SetEllaTimesteps" in types and "EllaNodes_ApplyElla" not in types
+
+
+def test_a_busy_reply_is_asked_again_not_shown(server, page):  # noqa: F811
+    """While the route's pool is full it answers 503: the counter keeps its line and asks again."""
+    workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
+    load(page, workflow)
+    node = encode_nodes(workflow)[0]["id"]
+    page.execute_script("""
+        window.ellaBusy = 2;
+        window.ellaFetch = window.fetch;
+        window.fetch = function (...args) {
+            if (String(args[0]).includes("/ella/tokens") && window.ellaBusy > 0) {
+                window.ellaBusy--;
+                return Promise.resolve(new Response(JSON.stringify({error: "busy: 16 token counts", field: null}),
+                                                    {status: 503, headers: {"Content-Type": "application/json"}}));
+            }
+            return window.ellaFetch.apply(this, args);
+        };""")
+    try:
+        text = "a lighthouse on a cliff in a storm"
+        type_into_prompt(page, node, text, replace=True)
+        label = wait_for_label(page, node, expected_label(route_count(server, text, "flexible", 128)))
+        assert page.execute_script("return window.ellaBusy") == 0 and label["state"] == "ok"
+    finally:
+        page.execute_script("window.fetch = window.ellaFetch")

@@ -140,8 +140,9 @@ def test_token_route_survives_a_panicking_tokenizer_and_refuses_huge_ones(hostil
 
 
 def test_a_flood_of_token_requests_all_get_a_clear_reply_and_the_server_answers_meanwhile(hostile):
-    """30 counts at once with an invalid tokenizer.json just under the size cap: each gets the 422 naming
-    t5_name (none is dropped, none waits forever on another's parse), and /object_info answers meanwhile.
+    """30 counts at once with an invalid tokenizer.json just under the size cap: each admitted one gets the 422
+    naming t5_name, the rest a 503 (none is dropped, none waits forever on another's parse), and /object_info
+    answers meanwhile.
     That the failed file is parsed once is test_hostile's test_the_token_counter_reads_a_failed_tokenizer_once."""
     srv, _ = hostile
     flood = srv.work / "models" / "clip" / "flood-t5"
@@ -157,5 +158,8 @@ def test_a_flood_of_token_requests_all_get_a_clear_reply_and_the_server_answers_
     assert "EllaNodes_TextEncode" in srv.get("/object_info")
     for t in threads:
         t.join()
-    assert [status for status, _ in replies] == [422] * 30
-    assert all(reply["field"] == "t5_name" and "flood-t5" in reply["error"] for _, reply in replies)
+    assert len(replies) == 30 and {status for status, _ in replies} <= {422, 503}  # 503: the route's pool is full
+    assert all(reply["field"] == "t5_name" and "flood-t5" in reply["error"] for status, reply in replies
+               if status == 422)
+    assert all(reply["error"].startswith("busy: ") for status, reply in replies if status == 503)
+    assert sum(status == 422 for status, _ in replies) >= 2

@@ -1,5 +1,5 @@
 """The shipped workflows that need other packs, queued over HTTP on a real ComfyUI server with those packs
-installed from ../shared/packs into its custom_nodes, as a user installs them.
+installed from their pinned upstream trees (tests/upstream.py) into its custom_nodes, as a user installs them.
 
 Random-weight files of the real architectures stand in under the released names: SD1.5's whole UNet layout
 (AnimateDiff injects into every level), an AnimateDiff v2 motion module, an IPAdapter Plus and, for the
@@ -17,7 +17,7 @@ import torch
 from comfy_host import ROOT, boot, comfyui_root
 from comfy_server import ComfyServer
 from connector_fixtures import save_connector
-from pack_runner import WORKFLOW_PACKS, have, unpack, write_pack_models
+from pack_runner import WORKFLOW_PACKS, need, unpack, write_pack_models
 from t5_fixtures import make_t5_folder
 from test_server import CHECKPOINT, ELLA_FILE, T5_NAME, assert_success
 from workflow_api import ui_to_api
@@ -33,12 +33,12 @@ pytestmark = [
     pytest.mark.skipif(HOST is not None and not (HOST / "comfy" / "patcher_extension.py").is_file(),
                        reason="these packs' versions need ComfyUI's keyed wrappers and node_helpers; the 2024-03 "
                               "host has neither"),
-    pytest.mark.skipif(not all(have(p) for p in PACKS), reason="the packs are not in ../shared/packs"),
 ]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    need(*PACKS)
     boot(HOST)
     import tiny_sd
     from PIL import Image

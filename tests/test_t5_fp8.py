@@ -173,3 +173,23 @@ def test_loading_fp8_peak_memory_stays_near_the_stored_weights(tmp_path: Path) -
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) <= 1.5
+
+
+@pytest.mark.parametrize(("storage", "bad", "compute"), [
+    (torch.float8_e4m3fn, float("nan"), torch.float16), (torch.float8_e4m3fn, float("nan"), torch.float32),
+    (torch.float8_e5m2, float("nan"), torch.float16), (torch.float8_e5m2, float("inf"), torch.float32)])
+def test_inf_or_nan_in_the_stored_weights_is_named_as_damage(tmp_path: Path, state: dict, storage, bad,
+                                                             compute) -> None:
+    """An fp8 file holding NaN (or Inf, which e5m2 stores) is damaged whatever the compute dtype: the error names
+    the tensor and never advises another dtype (that advice is only for a true fp16 overflow)."""
+    path = _fp8_file(state, storage, tmp_path / "t5" / "flan-t5-fp8.safetensors")
+    from safetensors.torch import load_file
+    weights = load_file(str(path))
+    name = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    weights[name][0, 0] = torch.tensor(bad).to(storage)
+    save_file(weights, str(path))
+    with pytest.raises(EllaError, match="non-finite features") as err:
+        load_t5(path, dtype=compute, storage_dtype=storage).encode(PROMPTS)
+    message = str(err.value)
+    assert "damaged" in message and name in message and str(path) in message
+    assert "bfloat16" not in message and "overflowed" not in message

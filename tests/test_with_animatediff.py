@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 from comfy_host import comfyui_root
-from pack_runner import ADE, have, run_isolated
+from pack_runner import ADE, need, run_isolated
 
 ROOT = comfyui_root()
 
 
 @pytest.mark.skipif(ROOT is None or not (ROOT / "comfy" / "patcher_extension.py").is_file(),
                     reason="AnimateDiff-Evolved (2026) needs ComfyUI's keyed wrappers; the 2024-03 host has none")
-@pytest.mark.skipif(not have(ADE), reason="no ../shared/packs")
 def test_ella_with_animatediff_evolved():
+    need(ADE)
     run_isolated("animatediff")

@@ -8,6 +8,7 @@ const LOAD_T5 = "EllaNodes_LoadT5Encoder";
 const COUNTER = "ella_token_count"; // widget name and type; never saved in widgets_values
 const ROUTE = "/ella/tokens";
 const DEBOUNCE_MS = 300;
+const BUSY_RETRY_MS = 1500; // the route answers 503 while its pool is full: ask again after this
 const HEIGHT = 40; // widget height in canvas units; the frontends keep a 10-unit margin above and below
 const counters = new Set();
 
@@ -94,6 +95,12 @@ class Counter {
       reply = { error: String(error) };
     }
     if (sequence !== this.sequence) return; // a newer request is under way
+    if (reply.status === 503) { // the server is busy counting: keep the last count and ask again shortly
+      this.element.title = `${reply.error ?? "busy"}; asking again`;
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.refresh(), BUSY_RETRY_MS);
+      return;
+    }
     this.show(describe(reply, t5Name), note);
   }
 

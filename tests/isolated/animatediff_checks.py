@@ -1,4 +1,4 @@
-"""ELLA with AnimateDiff-Evolved (../shared/packs), run by test_with_animatediff.py in a process of its own
+"""ELLA with AnimateDiff-Evolved (pinned in upstream.py), run by test_with_animatediff.py in a process of its own
 (the pack patches ComfyUI when it is imported and when it samples). A random-weight AnimateDiff v2 motion
 module on an SD1.5-layout UNet, ADE's sliding context windows shorter than the frame count: at every UNet
 call every row's context is connector(its prompt, that call's timestep), in every window."""

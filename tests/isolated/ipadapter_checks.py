@@ -1,4 +1,4 @@
-"""ELLA with IPAdapter Plus (../shared/packs), run by test_with_ipadapter.py in a process of its own. A random
+"""ELLA with IPAdapter Plus (pinned in upstream.py), run by test_with_ipadapter.py in a process of its own. A random
 IPAdapter Plus file for SD1.5 (its key set from the pack's own Resampler), applied before or after Apply ELLA
 through IPAdapter Embeds with random image embeddings, or through IPAdapter Advanced with an image and a
 random CLIP ViT-L (the smallest image encoder ComfyUI's clip_vision loader detects): at every UNet evaluation
