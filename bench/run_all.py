@@ -19,15 +19,18 @@ def table(sampling: dict, t5: dict, memory: dict, fp8: dict | None = None) -> st
     m = sampling.get("machine") or machine()
     dtypes = (f" UNet {sampling['unet_dtype']}, connector {sampling['connector_dtype']} (as Apply ELLA gives it)."
               if "connector_dtype" in sampling else "")  # figures from before it was recorded lack it
+    # older GPU figures (bench/figures/h200-2026-11-26/) have a ratio without CUDA graphs; the bench no longer measures it
+    eager = any(r.get("ratio_without_cuda_graphs") for r in sampling["sampling_overhead"])
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.{dtypes}", "",
              "| size | batch | steps | CLIP-only s | ELLA s, new prompts | ratio | ELLA s, same prompts again | ratio | "
-             "ratio without CUDA graphs | ELLA hook host ms per evaluation, new (mean, median) / again (mean) | "
+             + ("ratio without CUDA graphs | " if eager else "")
+             + "ELLA hook host ms per evaluation, new (mean, median) / again (mean) | "
              "connector ms per call, synchronised | connector rows / evaluations, new / again |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if eager else "") + "---|---|---|"]
     for r in sampling["sampling_overhead"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['steps']} | {r['clip_s']} | {r['ella_s']} | {r['ratio']} | "
                      f"{r.get('ella_repeat_s', 'n/a')} | {r.get('ratio_repeat', 'n/a')} | "
-                     f"{r['ratio_without_cuda_graphs'] or 'n/a'} | {_hook_ms(r)} | "
+                     + (f"{r.get('ratio_without_cuda_graphs') or 'n/a'} | " if eager else "") + f"{_hook_ms(r)} | "
                      f"{', '.join(f'{k} {v}' for k, v in r['context_ms_per_evaluation'].items())} | "
                      f"{r['connector_rows']} / {r['model_evaluations']} ({r['distinct_prompts']} prompts) / "
                      f"{r.get('connector_rows_repeat', 'n/a')} |")

@@ -18,8 +18,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def connector_call_ms(connector, pos: list, neg: list, batch: int, calls: int = 50) -> dict[str, float]:
     """Milliseconds per connector call for one evaluation's rows (both prompts, `batch` rows each), with and
-    without CUDA graphs, synchronised: what the 2024-03 host runs at each evaluation of a timestep it has
-    not seen with these prompts; current hosts run the rows of a whole run up front."""
+    without CUDA graphs, synchronised: what an evaluation runs when its rows are not among those computed up
+    front for the run (a sigma off the schedule, or a run with more rows than the cache holds)."""
     from ella_pack.nodes.context import ContextBuilder
     from ella_pack.nodes.payload import KEY
     from ella_pack.nodes.row_cache import RowCache
@@ -49,15 +49,14 @@ class HookClock:
         from ella_pack.nodes import hooks
 
         self.per_call: list[float] = []
-        self._saved = []
-        for hook in (hooks.CondBatchHook, hooks.ModelFunctionHook):
-            self._saved.append((hook, hook.__call__))
-            hook.__call__ = self._timed(hook.__call__)
+        self._saved = hooks.CondBatchHook.__call__
+        hooks.CondBatchHook.__call__ = self._timed(self._saved)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for hook, call in self._saved:
-            hook.__call__ = call
+        from ella_pack.nodes import hooks
+
+        hooks.CondBatchHook.__call__ = self._saved
 
     def _timed(self, call):
         clock = self
@@ -103,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     host()
-    from ella_pack.nodes.host import HOST
     from ella_pack.nodes.patch import ella_builder
     from ella_pack.nodes.payload import KEY, STAND_IN, EllaCond, EllaPrompt
 
@@ -125,10 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     counter = unet.model.diffusion_model.register_forward_pre_hook(lambda *a: evaluations.append(1))
     builder = ella_builder(ella_model)
     # arms: CLIP-only; ELLA with prompts never sampled before; ELLA again on the prompts just sampled (a new
-    # seed: rows kept from the run before); on a GPU, new prompts with CUDA graphs off (2024-03 host only:
-    # current hosts compute a run's rows up front without graphs)
-    graphs_matter = torch.cuda.is_available() and not HOST.keyed
-    arms = ["clip", "ella", "ella_repeat"] + (["ella_eager"] if graphs_matter else [])
+    # seed: rows kept from the run before)
+    arms = ["clip", "ella", "ella_repeat"]
     rows = []
     for size in args.sizes:
         for batch in args.batches:
@@ -144,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if arm == "clip":
                         model, (pos, neg), warm = unet, (clip_pos, clip_neg), (clip_pos, clip_neg)
                     else:
-                        model, warm = ella_model, warm_up
-                        pos, neg = (ella_cond(128), ella_cond(1)) if arm == "ella_eager" else prompts
-                    builder.graphed.enabled = arm != "ella_eager"
+                        model, (pos, neg), warm = ella_model, prompts, warm_up
                     # untimed one-step run: ComfyUI moves the weights when the sampled ModelPatcher changes
                     nodes.common_ksampler(model, 0, 1, 7.0, "dpmpp_2m", "karras", *warm, latent)
                     before_rows, evaluations[:] = builder.rows_computed, []
@@ -163,7 +157,6 @@ def main(argv: list[str] | None = None) -> dict:
                          "clip_s": round(median(times["clip"]), 3), "ella_s": round(median(times["ella"]), 3),
                          "ella_repeat_s": round(median(times["ella_repeat"]), 3),
                          "ratio": ratio["ella"], "ratio_repeat": ratio["ella_repeat"],
-                         "ratio_without_cuda_graphs": ratio.get("ella_eager"),
                          "hook_host_ms_per_evaluation": {arm: {"mean": round(median([m for m, _ in ms]), 3),
                                                                "median": round(median([m for _, m in ms]), 3)}
                                                          for arm, ms in hook_ms.items()},

@@ -1,6 +1,6 @@
 """Turn (prompt, timestep) rows into ELLA context, running the connector once per distinct pair.
 
-When the host tells us a sampling run's start and schedule (current ComfyUI), the rows of every prompt at every
+When the host tells us a sampling run's start and schedule, the rows of every prompt at every
 scheduled timestep are computed up front in a few batched passes and each model evaluation only looks
 them up; otherwise each evaluation computes its own rows. Rows are kept across runs (`RowCache`), so a
 graph sampled again (a new seed) costs no connector work.
@@ -30,14 +30,8 @@ class ContextBuilder:
         self.rows_computed = 0
         self.cache = cache
 
-    def place(self, device: torch.device) -> None:
-        """Move the connector to `device` (the 2024-03 host: it follows the UNet); kept rows follow it."""
-        if self.connector.device != device:
-            self.connector.to(device)
-        self.cache.follow(device)
-
     def start_run(self) -> None:
-        """A sampling run begins (current hosts): what `prefill` makes ready is for this run."""
+        """A sampling run begins: what `prefill` makes ready is for this run."""
         self.cache.start_run()
 
     def end_run(self) -> None:

@@ -49,7 +49,7 @@ class EllaHandle:
         return self._caches[key]
 
     def model_patcher(self, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device) -> Any:
-        """The ModelPatcher that places `connector(dtype, load_device, offload_device)` on current hosts,
+        """The ModelPatcher that places `connector(dtype, load_device, offload_device)`,
         living as long as the handle. A patcher made per Apply ELLA would die with the MODEL it served while
         its connector lives on, which ComfyUI reports as a leak and keeps as a dead entry. When ComfyUI
         unloads the connector (not merely swapping one clone of its patcher for another), its kept rows go

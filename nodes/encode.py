@@ -52,6 +52,6 @@ class EllaTextEncode:
                             "not from another ELLA Text Encode.")
         out = []
         for clip_tokens, extras in clip_conditioning:
-            row = prompt.with_clip(clip_tokens.shape[1])
+            row = prompt.with_clip()
             out.append([clip_tokens, {**extras, "model_conds": {**extras.get("model_conds", {}), KEY: EllaCond((row,))}}])
         return (out,)

@@ -17,7 +17,7 @@ _T5_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json
 
 
 def register_folders() -> None:
-    """Add `models/ella`, `models/ella_encoder` and `models/text_encoders` (which the 2024-03 host lacks),
+    """Add `models/ella`, `models/ella_encoder` and `models/text_encoders` (where a ComfyUI has none yet),
     keeping entries extra_model_paths.yaml already added."""
     for name in (ELLA_FOLDER, OFFICIAL_T5_FOLDER, "text_encoders"):
         default = os.path.join(folder_paths.models_dir, name)

@@ -1,14 +1,12 @@
-"""ELLA's two hooks: each model evaluation gets the ELLA context of its own sigma.
+"""ELLA's hook: each model evaluation gets the ELLA context of its own sigma.
 
-`CondBatchHook` (current hosts) rewrites each conditioning entry before ComfyUI batches them; the host tells
-it when a sampling run starts and ends, and the run's schedule lets it compute the rows of a whole run up
-front. `ModelFunctionHook` (2024-03 host) swaps the context into the batched model call. `host.py` installs
-the one its host takes.
+`CondBatchHook` rewrites each conditioning entry before ComfyUI batches them; the host tells it when a sampling
+run starts and ends, and the run's schedule lets it compute the rows of a whole run up front. `host.py`
+installs it.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import struct
 from collections.abc import Callable
@@ -19,7 +17,7 @@ import comfy.utils
 import torch
 
 from .context import ContextBuilder
-from .payload import KEY, EllaPrompt
+from .payload import KEY
 
 
 def _context(ella: torch.Tensor, entry: torch.Tensor, stand_in: int) -> torch.Tensor:
@@ -49,7 +47,7 @@ class CondBatchHook:
         return self
 
     def to(self, device_or_dtype: Any) -> CondBatchHook:
-        """Current hosts call this on wrappers before and after every run (offload device at the end). The
+        """ComfyUI calls this on wrappers before and after every run (offload device at the end). The
         connector's own ModelPatcher places it, with memory accounting, so nothing moves here."""
         return self
 
@@ -137,58 +135,3 @@ def _float32(value: float | None) -> float | None:
         return struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:  # beyond float32's range: a float32 tensor compares it as infinity
         return math.copysign(math.inf, value)
-
-
-class EntrySizeHook:
-    """`extra_conds` object patch (2024-03 host): when sampling starts, tells each ELLA entry's payload how many
-    tokens the entry's tensor has (Conditioning Concat may have appended some), so that rows batch only with
-    rows of the same layout and `ModelFunctionHook` knows where each row's stand-in ends. Calls `inner` (another
-    pack's patch) or the model's own method."""
-
-    def __init__(self, base_model: Any, inner: Callable | None) -> None:
-        self.base_model = base_model
-        self.inner = inner
-
-    def __call__(self, **kwargs: Any) -> dict:
-        out = self.inner(**kwargs) if self.inner is not None else type(self.base_model).extra_conds(
-            self.base_model, **kwargs)
-        payload, tokens = kwargs.get("model_conds", {}).get(KEY), kwargs.get("cross_attn")
-        if payload is not None and tokens is not None and KEY not in out:
-            out[KEY] = payload.sized(tokens.shape[1])
-        return out
-
-
-class ModelFunctionHook:
-    """model_function_wrapper: swaps the batched c_crossattn at model-call time; calls `inner` if set. The
-    connector follows the UNet (`to`, and the device of each call's input)."""
-
-    def __init__(self, builder: ContextBuilder, base_model: Any, inner: Callable | None) -> None:
-        self.builder = builder
-        self.base_model = base_model  # the BaseModel ComfyUI calls: its model_sampling turns sigma to timestep
-        self.inner = inner
-
-    def __deepcopy__(self, memo: dict) -> ModelFunctionHook:  # clones share the builder and the BaseModel
-        return ModelFunctionHook(self.builder, self.base_model, copy.deepcopy(self.inner, memo))
-
-    def to(self, device_or_dtype: Any) -> ModelFunctionHook:
-        """Follow the UNet when the host moves model patches (dtype is fixed at Apply ELLA)."""
-        if not isinstance(device_or_dtype, torch.dtype):
-            self.builder.place(device_or_dtype)
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(device_or_dtype)
-        return self
-
-    def __call__(self, apply_model: Callable, args: dict) -> torch.Tensor:
-        c = args["c"]
-        if KEY in c:
-            c = dict(c)
-            prompts: tuple[EllaPrompt, ...] = c.pop(KEY)
-            self.builder.place(args["input"].device)
-            timesteps = self.base_model.model_sampling.timestep(args["timestep"]).float()
-            context = self.builder.rows(prompts, timesteps)
-            context = _context(context, c["c_crossattn"], prompts[0].stand_in)
-            c["c_crossattn"] = context
-            args = {**args, "c": c}
-        if self.inner is not None:
-            return self.inner(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])

@@ -1,37 +1,30 @@
-"""The one place that knows which ComfyUI runs: an adapter picked once, at import.
+"""The one place that talks to ComfyUI's model hooks: keyed wrappers and callbacks (`comfy.patcher_extension`).
 
-Current hosts (keyed wrappers and callbacks, `comfy.patcher_extension`): a CALC_COND_BATCH wrapper rewrites
-each conditioning entry before batching, so the UNet and ControlNet both see ELLA's context, and the sampling
-run's start and end come from the host's ON_PRE_RUN / ON_CLEANUP callbacks. The 2024-03 host (a28a9dc): a
-model_function_wrapper, chained to any wrapper already there, swaps the context into the batched call.
-Everything ELLA installs lives under the key `ella_nodes` and is removed by `remove`.
+A CALC_COND_BATCH wrapper rewrites each conditioning entry before batching, so the UNet and ControlNet both see
+ELLA's context, and the sampling run's start and end come from the host's ON_PRE_RUN / ON_CLEANUP callbacks.
+Everything ELLA installs lives under the key `ella_nodes` and is removed by `remove`. A ComfyUI without these
+(older than the supported window, see the README) is refused at import with a message saying which to install.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-import comfy.model_management as model_management
-
 from .context import ContextBuilder
-from .hooks import CondBatchHook, EntrySizeHook, ModelFunctionHook
+from .hooks import CondBatchHook
 
 KEY = "ella_nodes"
 
 
 class KeyedHost:
-    """Current ComfyUI: keyed, composable wrappers and callbacks; the connector has a ModelPatcher of its own."""
-
-    keyed = True
+    """ComfyUI's keyed, composable wrappers and callbacks; the connector has a ModelPatcher of its own."""
 
     def __init__(self, patcher_extension: Any) -> None:
         self.wrapper = patcher_extension.WrappersMP.CALC_COND_BATCH
         self.callbacks = patcher_extension.CallbacksMP
-        # T5 needs all of itself loaded; these hosts may load a model partly (lowvram budget) unless asked
-        accepts = "force_full_load" in inspect.signature(model_management.load_models_gpu).parameters
-        self.full_load: dict = {"force_full_load": True} if accepts else {}
+        # T5 needs all of itself loaded; ComfyUI may load a model partly (lowvram budget) unless asked
+        self.full_load: dict = {"force_full_load": True}
 
     def install(self, model: Any, builder: ContextBuilder, patcher: Callable[[], Any]) -> None:
         """Hook `model` (a fresh clone without ELLA); `patcher()` gives the connector's ModelPatcher."""
@@ -60,30 +53,6 @@ class KeyedHost:
         patcher.add_callback_with_key(self.callbacks.ON_DETACH, KEY, _OnUnload(forget))
 
 
-class FunctionWrapperHost:
-    """The 2024-03 host: one model_function_wrapper slot, chained; the connector follows the UNet."""
-
-    keyed = False
-    full_load: dict = {}
-
-    def install(self, model: Any, builder: ContextBuilder, patcher: Callable[[], Any]) -> None:
-        """Hook `model` (a fresh clone without ELLA), keeping any wrapper already there."""
-        inner = model.model_options.get("model_function_wrapper")
-        model.set_model_unet_function_wrapper(ModelFunctionHook(builder, model.model, inner))
-        model.add_object_patch("extra_conds", EntrySizeHook(model.model, model.object_patches.get("extra_conds")))
-
-    def remove(self, model: Any) -> None:
-        _unchain(model.model_options, "model_function_wrapper", ModelFunctionHook)
-        _unchain(model.object_patches, "extra_conds", EntrySizeHook)
-
-    def find(self, model: Any) -> ModelFunctionHook | None:
-        wrapper = model.model_options.get("model_function_wrapper")
-        return wrapper if isinstance(wrapper, ModelFunctionHook) else None
-
-    def on_unload(self, patcher: Any, forget: Callable[[], None]) -> None:
-        """No connector ModelPatcher on this host: nothing to follow."""
-
-
 class _OnUnload:
     """ON_DETACH callback: `forget()` when the whole model is unloaded."""
 
@@ -100,24 +69,16 @@ def _drop_empty(table: dict, kind: str) -> None:
         del table[kind]
 
 
-def _unchain(slots: dict, key: str, hook_type: type) -> None:
-    """Take our hook of `hook_type` out of `slots[key]`, putting back what it wrapped (another pack's), if any."""
-    hook = slots.get(key)
-    if isinstance(hook, hook_type):
-        if hook.inner is None:
-            del slots[key]
-        else:
-            slots[key] = hook.inner
-
-
-def _pick() -> KeyedHost | FunctionWrapperHost:
+def _pick() -> KeyedHost:
     try:
         import comfy.patcher_extension as patcher_extension
-    except ImportError:  # ComfyUI before the keyed wrappers (a28a9dc, 2024-03)
-        return FunctionWrapperHost()
-    if not hasattr(patcher_extension.WrappersMP, "CALC_COND_BATCH"):
-        return FunctionWrapperHost()
+    except ImportError:
+        patcher_extension = None
+    if not hasattr(getattr(patcher_extension, "WrappersMP", None), "CALC_COND_BATCH"):
+        raise ImportError("ELLA Nodes needs a ComfyUI of the last twelve months (keyed model wrappers, "
+                          "comfy.patcher_extension with CALC_COND_BATCH): update ComfyUI, or see the README's "
+                          "'Supported ComfyUI versions' for the release of ELLA Nodes that an older one takes.")
     return KeyedHost(patcher_extension)
 
 
-HOST: KeyedHost | FunctionWrapperHost = _pick()
+HOST: KeyedHost = _pick()

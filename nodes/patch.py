@@ -1,6 +1,6 @@
 """Patch a ComfyUI MODEL so every model evaluation gets ELLA context for its own sigma; reversibly.
 
-The hooks are in `hooks.py`; how they are installed on this host is `host.py`'s business.
+The hook is in `hooks.py`; how it is installed is `host.py`'s business.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .row_cache import RowCache
 def apply_ella(model: comfy.model_patcher.ModelPatcher, connector: Connector, cache: RowCache | None = None,
                placement: Callable[[], comfy.model_patcher.ModelPatcher] | None = None) -> comfy.model_patcher.ModelPatcher:
     """A clone of `model` whose sampling gives ELLA conditioning its context; applying again replaces.
-    `cache` keeps the connector's rows across runs (a new one when None); on current hosts `placement` gives
-    the connector's ModelPatcher (a new one when None)."""
+    `cache` keeps the connector's rows across runs (a new one when None); `placement` gives the connector's
+    ModelPatcher (a new one when None)."""
     patched = remove_ella(model)
     builder = ContextBuilder(connector, RowCache() if cache is None else cache)
     HOST.install(patched, builder, placement or (lambda: comfy.model_patcher.ModelPatcher(

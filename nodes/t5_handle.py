@@ -25,7 +25,7 @@ _TIED = "t5.encoder.embed_tokens.weight"
 
 
 class _Holder(torch.nn.Module):
-    """What ComfyUI manages: current hosts set `module.device`, a read-only property on transformers models.
+    """What ComfyUI manages: ComfyUI sets `module.device`, a read-only property on transformers models.
     Its state dict lists the embedding once (T5's input embedding is tied to it), so that ComfyUI's
     memory accounting, which sums the state dict, counts each weight once, at its stored size."""
 

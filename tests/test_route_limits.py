@@ -8,12 +8,12 @@ import json
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import official_graphs as og
 import pytest
 import workflow_shapes as shapes
+from test_hostile_server import post_raw
 from test_server import HOST, T5_NAME, server  # noqa: F401  (the module's real server)
 
 pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: see README, Tests")
@@ -22,12 +22,7 @@ PROMPT_TIMEOUT = 20  # seconds a client waits for an answer that should come at 
 
 
 def post(srv, path: str, data: bytes, timeout: float = PROMPT_TIMEOUT) -> tuple[int, dict]:
-    request = urllib.request.Request(srv.url + path, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_raw(srv, path, data, timeout)
 
 
 def stalled(srv, path: str, declared: int = 10_000) -> socket.socket:

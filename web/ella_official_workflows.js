@@ -28,17 +28,12 @@ function unconverted(graphData) {
 }
 
 async function ask(message) {
-  const dialog = app.extensionManager?.dialog;
-  if (dialog?.confirm) {
-    return (await dialog.confirm({ title: "Convert to ELLA Nodes?", message, type: "default" })) === true;
-  }
-  return window.confirm(message); // the legacy frontend
+  const answer = await app.extensionManager.dialog.confirm({ title: "Convert to ELLA Nodes?", message, type: "default" });
+  return answer === true;
 }
 
-async function tell(title, message) {
-  const toast = app.extensionManager?.toast;
-  if (toast?.add) toast.add({ severity: "warn", summary: title, detail: message, life: 15000 });
-  else window.alert(`${title}\n\n${message}`);
+function tell(title, message) {
+  app.extensionManager.toast.add({ severity: "warn", summary: title, detail: message, life: 15000 });
 }
 
 async function offer(workflow, count) {
@@ -54,12 +49,12 @@ async function offer(workflow, count) {
     reply = await response.json();
     if (!response.ok) throw new Error(reply.error ?? `HTTP ${response.status}`);
   } catch (error) {
-    await tell("ELLA: the workflow was not converted", String(error.message ?? error));
+    tell("ELLA: the workflow was not converted", String(error.message ?? error));
     return;
   }
   await app.loadGraphData(reply.workflow);
   if (reply.kept?.length) {
-    await tell("ELLA: some nodes were kept as they were",
+    tell("ELLA: some nodes were kept as they were",
       `${reply.kept.join("\n")}\nEach has a Note beside it in the graph.`);
   }
 }

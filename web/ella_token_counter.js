@@ -42,7 +42,7 @@ function describe(reply, t5Name) {
       title: `${title}; the last ${reply.cut} are cut (${reply.mode} mode reads ${reply.limit})` };
   }
   if (reply.mode === "fixed") return { text: `${reply.tokens} / ${reply.limit} tokens · fixed`, state: "ok", title };
-  return { text: `${reply.tokens} tokens · flexible`, state: "ok", title };
+  return { text: `${reply.tokens} ${reply.tokens === 1 ? "token" : "tokens"} · flexible`, state: "ok", title };
 }
 
 async function fetchCount(body) {
@@ -69,7 +69,7 @@ class Counter {
     const options = { getMinHeight: () => HEIGHT, getMaxHeight: () => HEIGHT, getHeight: () => HEIGHT,
       hideOnZoom: true, serialize: false };
     this.widget = node.addDOMWidget(COUNTER, COUNTER, this.element, options);
-    this.widget.serialize = false; // the current frontend leaves it out of widgets_values and the prompt
+    this.widget.serialize = false; // the frontend leaves it out of widgets_values and the prompt
   }
 
   schedule() {
@@ -129,7 +129,7 @@ const chain = (object, key, extra) => {
 };
 
 function attach(node) {
-  if (node.ellaCounter || typeof node.addDOMWidget !== "function") return;
+  if (node.ellaCounter) return;
   const counter = new Counter(node);
   node.ellaCounter = counter;
   counters.add(counter);
@@ -148,10 +148,6 @@ app.registerExtension({
     if (nodeData.name === ENCODE) {
       chain(nodeType.prototype, "onConnectionsChange", function () { this.ellaCounter?.schedule(); });
       chain(nodeType.prototype, "onConfigure", function () { this.ellaCounter?.schedule(); });
-      chain(nodeType.prototype, "onSerialize", function (data) {
-        const index = this.widgets?.findIndex((w) => w.name === COUNTER) ?? -1;
-        if (index >= 0 && data.widgets_values) data.widgets_values.splice(index, 1); // the legacy frontend saves it
-      });
     }
     if (nodeData.name === LOAD_T5) {
       chain(nodeType.prototype, "onNodeCreated", function () {
