@@ -303,24 +303,34 @@ def test_one_extension_under_our_prefix_and_no_script_errors(page):
     assert not [m for m in errors if "ella_token_counter" in m or "ella_official" in m or "/ella/" in m], errors
 
 
+@contextlib.contextmanager
+def count_requests_seen(page, setup: str, each: str):
+    """The page's fetch wrapped while the block runs: `setup` runs once, `each` (JavaScript) runs for every token
+    count request and may return a Response that the page then gets instead of the server's."""
+    page.execute_script(setup + """
+        window.ellaFetch = window.fetch;
+        window.fetch = function (...args) {
+            if (String(args[0]).includes("/ella/tokens")) {
+                const instead = (() => { %s })();
+                if (instead) return Promise.resolve(instead);
+            }
+            return window.ellaFetch.apply(this, args);
+        };""" % each)
+    try:
+        yield
+    finally:
+        page.execute_script("window.fetch = window.ellaFetch")
+
+
 def test_typing_is_debounced(server, page):  # noqa: F811
     workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
     load(page, workflow)
     node = encode_nodes(workflow)[0]["id"]
-    page.execute_script("""
-        window.ellaCalls = 0;
-        window.ellaFetch = window.fetch;
-        window.fetch = function (...args) {
-            if (String(args[0]).includes("/ella/tokens")) window.ellaCalls++;
-            return window.ellaFetch.apply(this, args);
-        };""")
-    try:
+    with count_requests_seen(page, "window.ellaCalls = 0;", "window.ellaCalls++;"):
         text = "a quiet harbour town at dawn with fishing boats"
         type_into_prompt(page, node, text, replace=True)  # one key after another, well under 300 ms apart
         wait_for_label(page, node, expected_label(route_count(server, text, "flexible", 128)))
         calls = page.execute_script("return window.ellaCalls")
-    finally:
-        page.execute_script("window.fetch = window.ellaFetch")
     assert 1 <= calls <= 3, f"{calls} count requests for {len(text)} keystrokes"
 
 
@@ -427,21 +437,13 @@ def test_a_busy_reply_is_asked_again_not_shown(server, page):  # noqa: F811
     workflow = json.loads((ROOT / "workflows" / "ella_text_to_image.json").read_text())
     load(page, workflow)
     node = encode_nodes(workflow)[0]["id"]
-    page.execute_script("""
-        window.ellaBusy = 2;
-        window.ellaFetch = window.fetch;
-        window.fetch = function (...args) {
-            if (String(args[0]).includes("/ella/tokens") && window.ellaBusy > 0) {
-                window.ellaBusy--;
-                return Promise.resolve(new Response(JSON.stringify({error: "busy: 16 token counts", field: null}),
-                                                    {status: 503, headers: {"Content-Type": "application/json"}}));
-            }
-            return window.ellaFetch.apply(this, args);
-        };""")
-    try:
+    busy = """if (window.ellaBusy > 0) {
+                  window.ellaBusy--;
+                  return new Response(JSON.stringify({error: "busy: 16 token counts", field: null}),
+                                      {status: 503, headers: {"Content-Type": "application/json"}});
+              }"""
+    with count_requests_seen(page, "window.ellaBusy = 2;", busy):
         text = "a lighthouse on a cliff in a storm"
         type_into_prompt(page, node, text, replace=True)
         label = wait_for_label(page, node, expected_label(route_count(server, text, "flexible", 128)))
         assert page.execute_script("return window.ellaBusy") == 0 and label["state"] == "ok"
-    finally:
-        page.execute_script("window.fetch = window.ellaFetch")
