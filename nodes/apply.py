@@ -33,9 +33,9 @@ class ApplyElla:
         if ella.config.out_width != width:
             raise EllaError(f"Apply ELLA: {ella.path.name} gives {ella.config.out_width}-wide tokens but this model's "
                             f"cross-attention expects {width}; use a connector made for this model.")
-        base = model.model
-        # the dtype the UNet computes in (fp8 storage computes in manual_cast_dtype)
-        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        # the dtype this clone computes in (fp8 storage computes in manual_cast_dtype): Model Compute Dtype sets it
+        # as an object patch of its clone, applied to the UNet all clones share only while that copy is loaded
+        dtype = model.get_model_object("manual_cast_dtype") or model.model.get_dtype()
         devices = (model.load_device, model.offload_device)
         return (apply_ella(model, ella.connector(dtype, *devices), ella.row_cache(dtype, *devices),
                            lambda: ella.model_patcher(dtype, *devices)),)

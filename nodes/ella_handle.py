@@ -60,7 +60,7 @@ class EllaHandle:
         if key not in self._patchers:
             patcher = comfy.model_patcher.ModelPatcher(self.connector(dtype, load_device, offload_device),
                                                        load_device=load_device, offload_device=offload_device)
-            HOST.on_unload(patcher, self.row_cache(dtype, load_device, offload_device).clear)
+            HOST.own_connector(patcher, self.row_cache(dtype, load_device, offload_device).clear)
             self._patchers[key] = patcher
         return self._patchers[key]
 

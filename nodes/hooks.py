@@ -53,11 +53,15 @@ class CondBatchHook:
 
     def start_run(self, patcher: Any = None) -> None:
         """ON_PRE_RUN: a sampling run begins (its schedule is read at its first evaluation)."""
+        if _device_copy(patcher):
+            return
         self._in_run, self._timestep_of, self._planned = True, None, set()
         self.builder.start_run()
 
     def end_run(self, patcher: Any = None) -> None:
         """ON_CLEANUP: the run is over; its own rows go (rows kept across runs stay)."""
+        if _device_copy(patcher):
+            return
         self._in_run, self._timestep_of, self._planned = False, None, set()
         self.builder.end_run()
 
@@ -112,6 +116,12 @@ class CondBatchHook:
             model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
             out[id(entry)] = {**entry, "model_conds": model_conds}
         return out
+
+
+def _device_copy(patcher: Any) -> bool:
+    """Whether `patcher` is MultiGPU CFG Split's copy of the UNet for an extra device: ComfyUI starts and
+    cleans up each copy with the sampled model, whose own callbacks bound the run."""
+    return bool(getattr(patcher, "is_multigpu_base_clone", False))
 
 
 def _in_range(entry: dict, sigma: float | torch.Tensor) -> bool:

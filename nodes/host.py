@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .context import ContextBuilder
 from .hooks import CondBatchHook
 
@@ -48,20 +50,44 @@ class KeyedHost:
         hooks = model.get_wrappers(self.wrapper, KEY)
         return hooks[0] if hooks else None
 
-    def on_unload(self, patcher: Any, forget: Callable[[], None]) -> None:
-        """Call `forget` when ComfyUI unloads `patcher`'s model (not when it swaps one clone for another)."""
-        patcher.add_callback_with_key(self.callbacks.ON_DETACH, KEY, _OnUnload(forget))
+    def own_connector(self, patcher: Any, forget: Callable[[], None]) -> None:
+        """Set up the connector's ModelPatcher: `forget` when ComfyUI unloads it (not when it swaps one clone
+        for another), and, where ComfyUI deep-clones models for other devices (MultiGPU CFG Split), a deep
+        clone that holds nothing."""
+        patcher.add_callback_with_key(self.callbacks.ON_DETACH, KEY, _OnUnload(patcher.model, forget))
+        if hasattr(self.callbacks, "ON_DEEPCLONE_MULTIGPU"):
+            # ComfyUI deep-clones every model attached to the UNet for each extra device, through the reload
+            # factory a loader registers. ELLA's rows are made on the main thread before ComfyUI hands the
+            # batches to the devices, so only the primary device runs the connector: the clone is empty.
+            patcher.cached_patcher_init = (_empty_patcher, (patcher.load_device, patcher.offload_device))
+            patcher.add_callback_with_key(self.callbacks.ON_DEEPCLONE_MULTIGPU, KEY, _holds_nothing)
 
 
 class _OnUnload:
-    """ON_DETACH callback: `forget()` when the whole model is unloaded."""
+    """ON_DETACH callback: `forget()` when the whole connector is unloaded (its clones on other devices hold
+    nothing to forget)."""
 
-    def __init__(self, forget: Callable[[], None]) -> None:
-        self.forget = forget
+    def __init__(self, connector: Any, forget: Callable[[], None]) -> None:
+        self.connector, self.forget = connector, forget
 
     def __call__(self, patcher: Any, unpatch_all: bool) -> None:
-        if unpatch_all:
+        if unpatch_all and patcher.model is self.connector:
             self.forget()
+
+
+class NoConnectorHere(torch.nn.Module):
+    """Stands in for the connector on a device that never computes a row (MultiGPU CFG Split's extra devices)."""
+
+
+def _empty_patcher(load_device: Any, offload_device: Any, disable_dynamic: bool = False) -> Any:
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(NoConnectorHere(), load_device=load_device, offload_device=offload_device)
+
+
+def _holds_nothing(original: Any, clone: Any) -> None:
+    """ON_DEEPCLONE_MULTIGPU: the clone is sized by what it holds (nothing), not by the connector it copies."""
+    clone.size = 0
 
 
 def _drop_empty(table: dict, kind: str) -> None:

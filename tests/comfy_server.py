@@ -114,7 +114,10 @@ class ComfyServer:
         status, body = self.post("/prompt", {"prompt": graph})
         if status != 200:
             return {"rejected": body, "http_status": status}
-        prompt_id = body["prompt_id"]
+        return self.wait(body["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of a queued prompt once it finished."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")

@@ -13,9 +13,10 @@ import pytest
 import upstream
 
 TESTS = Path(__file__).resolve().parent
-ADE, IPA = "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus"
-# the shipped workflows that need other packs, and which
-WORKFLOW_PACKS = {"ella_animatediff.json": (ADE,), "ella_ipadapter.json": (IPA,)}
+ADE, IPA, DIST = "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus", "ComfyUI-Distributed"
+# the shipped workflows that need other packs, and which (ella_distributed.json also runs on a master and a worker
+# in tests/test_distributed.py)
+WORKFLOW_PACKS = {"ella_animatediff.json": (ADE,), "ella_ipadapter.json": (IPA,), "ella_distributed.json": (DIST,)}
 
 
 def need(*names: str) -> None:
