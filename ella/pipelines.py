@@ -133,7 +133,8 @@ class _EllaPipeline(StableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, ella_path: str | os.PathLike | None = None,
                         t5_path: str | os.PathLike | None = None, *, t5_dtype: torch.dtype | str | None = None,
-                        t5_tokenizer: str | os.PathLike | None = None, **kwargs: object) -> _EllaPipeline:
+                        t5_tokenizer: str | os.PathLike | None = None,
+                        t5_storage_dtype: torch.dtype | str | None = None, **kwargs: object) -> _EllaPipeline:
         """Load a local diffusers folder: one that `save_pretrained` wrote (model_index.json, unet/, vae/,
         scheduler/, t5/, ELLA/), or a Stable Diffusion 1.x folder (its CLIP is not loaded) with an `ELLA/`
         connector folder inside (the seed's layout) or `ella_path` (a connector .safetensors file or a
@@ -141,7 +142,8 @@ class _EllaPipeline(StableDiffusionPipeline):
         or `t5_path` (a T5 folder or file). Local files only; only safetensors weights, never pickles; every file
         of the folder must resolve inside it. `kwargs` go to StableDiffusionPipeline.from_pretrained
         (e.g. torch_dtype, safety_checker=None, variant); the connector takes the UNet's dtype, T5 takes
-        `t5_dtype` (None: float32 on CPU). Move everything with `.to("cuda")` afterwards."""
+        `t5_dtype` (None: float32 on CPU) and stores its linear weights in `t5_storage_dtype` if given
+        (e.g. "fp8_e4m3fn", as ella.load_t5). Move everything with `.to("cuda")` afterwards."""
         folder = Path(path).expanduser()
         roots = [folder]
         variant = kwargs.get("variant")
@@ -157,9 +159,10 @@ class _EllaPipeline(StableDiffusionPipeline):
                 raise EllaLoadError(f"{folder}: no T5 encoder: {T5_FOLDER}/config.json is missing (a folder written by "
                                     "save_pretrained holds t5/ with config.json, model.safetensors, tokenizer.json); "
                                     "pass t5_path= (a FLAN-T5-XL folder or file).")
-            t5 = load_t5(t5_folder, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype, roots=roots)
+            t5 = load_t5(t5_folder, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype,
+                         storage_dtype=t5_storage_dtype, roots=roots)
         else:
-            t5 = load_t5(t5_path, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype)
+            t5 = load_t5(t5_path, tokenizer=t5_tokenizer, device=device, dtype=t5_dtype, storage_dtype=t5_storage_dtype)
         return cls(**sd.components, t5=t5, connector=connector,
                    requires_safety_checker=sd.config.requires_safety_checker)
 

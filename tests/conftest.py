@@ -20,3 +20,15 @@ def t5_tokenizer_dir() -> Path:
     if not (REAL_TOKENIZER_DIR / "tokenizer.json").is_file():
         pytest.fail(f"test data missing: {REAL_TOKENIZER_DIR}/tokenizer.json")
     return REAL_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny models (several threads spin-wait against each other on a loaded
+    machine); use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +15,16 @@ import pytest
 import torch
 from connector_fixtures import TINY, random_connector_state, save_connector
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from open_audit import outside, recorded_opens
 from safetensors import safe_open
 from safetensors.torch import save_file
 from t5_fixtures import make_t5_folder
+from tiny_sd import tiny_diffusers_sd
 
 import ella
 from ella.connector import ConnectorConfig
@@ -35,20 +33,12 @@ from ella.pipelines import EllaFixedDiffusionPipeline, EllaFlexDiffusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTOR = ConnectorConfig(width=32, num_latents=8, num_blocks=2, input_dim=32, time_channels=16, time_embed_dim=32)
 PROMPTS = ["a cat", "Two red apples and a green pear on a wooden table next to a blue ceramic vase."]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SCHEDULERS = {
     "dpm": lambda: DPMSolverMultistepScheduler(steps_offset=1),
     "ddim": lambda: DDIMScheduler(steps_offset=1, clip_sample=False),
     "euler": lambda: EulerDiscreteScheduler(steps_offset=1),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; several spin-wait against each other on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +47,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("ella_pipes")
     connector_path = save_connector(tmp / "ella.safetensors", CONNECTOR, seed=0)
     t5_path = make_t5_folder(tmp, "hf")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CONNECTOR.width, attention_head_dim=8,
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
+    unet, vae = tiny_diffusers_sd(CONNECTOR.width)
     return {"tmp": tmp, "connector_path": connector_path, "t5_path": t5_path, "unet": unet, "vae": vae,
             "connector": ella.load_connector(connector_path), "t5": ella.load_t5(t5_path)}
 

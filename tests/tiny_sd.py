@@ -1,7 +1,8 @@
 """The one place tests and the bench build SD1.5-architecture models with random weights: a tiny UNet
 checkpoint, a whole tiny SD1.5 checkpoint (one-level UNet, full-size CLIP-L text model and VAE, since ComfyUI
 builds those from fixed configs) and a matching ControlNet, and a ComfyUI model in memory (tiny or SD1.5's
-full layout). Imports ComfyUI only inside its functions (boot the host first)."""
+full layout); and, for the library's diffusers pipelines, a tiny diffusers UNet and VAE. Imports ComfyUI and
+diffusers only inside its functions (boot the host first)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,21 @@ def save_clip_vision_vit_l(path: Path, seed: int = 2) -> Path:
     model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
     save_file(scaled_random(model, "", torch.Generator().manual_seed(seed)), str(path))
     return path
+
+
+def tiny_diffusers_sd(cross_attention_dim: int = 32):
+    """A tiny diffusers SD-architecture UNet (two levels, 8x8 samples) and VAE (scale 2), seeded random weights,
+    for the library's pipelines (no ComfyUI): (unet, vae)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    return unet, vae
