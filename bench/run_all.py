@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> str:
         sampling = sampling_overhead.main(["--tiny", "--sizes", "64", "--batches", "1", "2", "--steps", "2",
                                            "--reps", "1", "--unet-dtype", "bf16", *out])
         t5 = t5_loading.main(["--tiny", "--reps", "1", *out])
-        fp8 = t5_fp8.main(["--tiny", "--reps", "1", "--cases", "fp16", "fp8_e4m3fn, fp16 compute", *out])
+        fp8 = t5_fp8.main(["--tiny", "--reps", "1", "--cases", "fp16", "fp8_e4m3fn, fp16 compute", "int8",
+                             *out])
         memory = sampling_memory.main(["--tiny", *out])
     else:
         quick = ["--batches", "1", "--reps", "2"] if args.quick else []

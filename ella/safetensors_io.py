@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import EllaLoadError
+from .errors import EllaError, EllaLoadError
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ITEM_SIZES = {
@@ -99,9 +99,11 @@ def load_tensors(
     keys: list[str] | None = None,
     expected: str = "a safetensors file",
     on_tensor: Callable[[], None] | None = None,
+    convert: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load tensors one at a time, each cast to `dtype` (floating tensors only; a mapping gives each key's
-    dtype) and moved to `device`; `on_tensor()` is called after each one (progress).
+    dtype), moved to `device` and, for keys in `convert`, replaced at once by what its function returns
+    (e.g. a quantized tensor); `on_tensor()` is called after each one (progress).
 
     Tensors are read with plain file reads (no memory map) and cast chunk by chunk, so peak memory stays
     near the size of the weights in `dtype` plus one small buffer. Casts to fp8 saturate at its range."""
@@ -112,8 +114,12 @@ def load_tensors(
             for key in infos if keys is None else keys:
                 target = dtype.get(key) if isinstance(dtype, Mapping) else dtype
                 out[key] = _read(f, infos[key], target).to(device)
+                if convert and key in convert:
+                    out[key] = convert[key](out[key])
                 if on_tensor is not None:
                     on_tensor()
+    except EllaError:
+        raise
     except KeyError as e:
         raise EllaLoadError(f"{path}: tensor {e} is missing; expected {expected}.") from None
     except (OSError, ValueError, RuntimeError) as e:

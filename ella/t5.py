@@ -3,8 +3,9 @@
 `load_t5` builds transformers' `T5EncoderModel` on the meta device and fills it
 with tensors read one at a time straight into the target dtype, so loading
 never holds a second full-precision copy. With `storage_dtype` (fp8), the linear layers' weights are
-stored in 8 bits and cast to the compute dtype layer by layer at each call (ella/t5_fp8.py). Key names are mapped from the
-transformers layout (`shared.`, `encoder.`), any prefix in front of it, or a
+stored in 8 bits and cast to the compute dtype layer by layer at each call (ella/t5_fp8.py); with int8 (CPU
+only), each is quantized by torchao as it is read and multiplied with int8 kernels (ella/t5_int8.py). Key
+names are mapped from the transformers layout (`shared.`, `encoder.`), any prefix in front of it, or a
 bare encoder stack (`block.N...`); decoder and lm_head weights are ignored.
 """
 
@@ -27,6 +28,7 @@ from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
 from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
 from .t5_fp8 import linear_weight_names, resolve_storage, store_linears_in_fp8
+from .t5_int8 import Int8Quantizer, check_int8_setup, stored_parts
 from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
 
 __all__ = [
@@ -153,11 +155,13 @@ class T5Encoder(torch.nn.Module):
         raise EllaError(f"{self.path}: T5 produced non-finite features (inf/NaN) in {dtype} for prompt(s) {rows}; {advice}.")
 
     def non_finite_weights(self) -> list[str]:
-        """Names of the weights holding inf or NaN as stored (fp8 included); read only after a failed encode."""
+        """Names of the weights holding inf or NaN as stored (fp8 and int8 scales included); read only after a
+        failed encode."""
         names = []
         with torch.no_grad():
             for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-                if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(_widened(tensor)).all():
+                if any(p.is_floating_point() and not p.is_meta and not torch.isfinite(_widened(p)).all()
+                       for p in stored_parts(name, tensor).values()):
                     names.append(name)
         return names
 
@@ -192,7 +196,9 @@ def load_t5(
 
     `dtype` is the compute dtype (None: fp16 on CUDA, fp32 elsewhere); `storage_dtype` "fp8_e4m3fn" or
     "fp8_e5m2" (or the torch dtypes) stores the linear layers' weights in 8 bits, cast per layer at each
-    call; embeddings and norms stay in `dtype`. `progress(done, total)` is called after each tensor read.
+    call; "int8" (CPU and float32 only; needs torchao) quantizes them to int8 as they are read and runs
+    int8 matrix kernels. Embeddings and norms stay in `dtype`. `progress(done, total)` is called after
+    each tensor read.
     Every file opened must lie inside `roots` (default: the folder of `path`, the places a tokenizer is
     looked for beside it, and the folder of `tokenizer`); the config
     is checked against the weights' headers before any module is built."""
@@ -200,6 +206,8 @@ def load_t5(
     device = _device(device)
     dtype = resolve_dtype(dtype, device)
     storage = resolve_storage(storage_dtype)
+    if storage == torch.int8:
+        check_int8_setup(device, dtype)
     weights = find_weights(path, roots)
     sources = _collect_sources(weights)
     tok = read_tokenizer_file(find_tokenizer(tokenizer, weights, roots))
@@ -213,10 +221,13 @@ def load_t5(
     _check_keys(weights.label, sources, model)
     _check_vocab(tok, config, weights.label)
     dtypes = dict.fromkeys(sources, dtype)
-    if storage is not None:
+    convert: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if storage == torch.int8:  # read in float32 (dtype), quantized as soon as each is read
+        convert = dict.fromkeys(linear_weight_names(model), Int8Quantizer())
+    elif storage is not None:
         store_linears_in_fp8(model)
         dtypes.update(dict.fromkeys(linear_weight_names(model), storage))
-    _load_weights(model, sources, dtypes, device, progress)
+    _load_weights(model, sources, dtypes, device, progress, convert)
     _register_fp16_clamp(model)
     encoder = T5Encoder(model, tok, Path(path), dtype, storage)
     encoder.eval().requires_grad_(False)
@@ -406,9 +417,11 @@ def _check_vocab(tok: T5PromptTokenizer, config: T5Config, label: Path) -> None:
 
 
 def _load_weights(model: T5EncoderModel, sources: dict[str, _Source], dtypes: dict[str, torch.dtype],
-                  device: torch.device, progress: Callable[[int, int], None] | None) -> None:
-    """Read tensors one at a time, each cast to its dtype in `dtypes` on reading, then assign them into the
-    meta model; `progress(done, total)` after each tensor."""
+                  device: torch.device, progress: Callable[[int, int], None] | None,
+                  convert: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Read tensors one at a time, each cast to its dtype in `dtypes` on reading (and passed through its
+    function in `convert`, if any, at once), then assign them into the meta model; `progress(done, total)`
+    after each tensor."""
     by_file: dict[Path, list[str]] = {}
     for name, src in sources.items():
         by_file.setdefault(src.file, []).append(name)
@@ -423,7 +436,9 @@ def _load_weights(model: T5EncoderModel, sources: dict[str, _Source], dtypes: di
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         keyed = {sources[n].key: dtypes[n] for n in names}
-        loaded = load_tensors(file, dtype=keyed, device=device, keys=list(keyed), expected=EXPECTED, on_tensor=tick)
+        converters = {sources[n].key: convert[n] for n in names if n in convert}
+        loaded = load_tensors(file, dtype=keyed, device=device, keys=list(keyed), expected=EXPECTED, on_tensor=tick,
+                              convert=converters)
         for name in names:
             state[name] = loaded.pop(sources[name].key)
     model.load_state_dict(state, strict=False, assign=True)

@@ -21,15 +21,17 @@ __all__ = ["STORAGE_NAMES", "CastLinear", "linear_weight_names", "resolve_storag
 STORAGE_NAMES = {
     "fp8_e4m3fn": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn", "e4m3fn": "float8_e4m3fn",
     "fp8_e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2", "e5m2": "float8_e5m2",
+    "int8": "int8",  # torchao's int8 weights and kernels, on the CPU (ella/t5_int8.py)
 }
 
 
 def resolve_storage(storage: torch.dtype | str | None) -> torch.dtype | None:
-    """The fp8 dtype asked for (a torch dtype or a name such as "fp8_e4m3fn"); None: store as computed."""
+    """The 8-bit dtype asked for (a torch dtype or a name such as "fp8_e4m3fn" or "int8"); None: store as
+    computed."""
     if storage is None:
         return None
     if not isinstance(storage, str):
-        return storage if storage in _fp8_dtypes() else _refuse(storage)
+        return storage if storage in (*_fp8_dtypes(), torch.int8) else _refuse(storage)
     name = STORAGE_NAMES.get(storage.lower().removeprefix("torch."))
     if name is None:
         return _refuse(storage)
@@ -45,8 +47,8 @@ def _fp8_dtypes() -> tuple[torch.dtype, ...]:
 
 
 def _refuse(storage: object) -> torch.dtype:
-    raise EllaError(f"Unsupported T5 storage dtype {storage!r}; use fp8_e4m3fn or fp8_e5m2 (or None to store "
-                    "the weights in the compute dtype).")
+    raise EllaError(f"Unsupported T5 storage dtype {storage!r}; use fp8_e4m3fn, fp8_e5m2 or int8 (or None to "
+                    "store the weights in the compute dtype).")
 
 
 class CastLinear(torch.nn.Linear):

@@ -14,20 +14,24 @@ import torch
 
 from .. import ella
 from ..ella.t5 import resolve_dtype
+from ..ella.t5_int8 import stored_parts
 from .host import HOST
 from .payload import EllaPrompt
 
 CACHE_SIZE = 64
-# auto: fp16 on CUDA (what ELLA was trained with), else fp32; fp8_*: linear weights stored in fp8, computed in auto's dtype
-DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+# auto: fp16 on CUDA (what ELLA was trained with), else fp32; fp8_*: linear weights stored in fp8, computed in auto's
+# dtype; int8: linear weights in int8 with int8 kernels (torchao), CPU only
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "int8")
+_STORAGE_CHOICES = ("fp8_e4m3fn", "fp8_e5m2", "int8")
 DEVICE_CHOICES = ("auto", "cpu")  # auto: ComfyUI's text encoder device, under its memory management
 _TIED = "t5.encoder.embed_tokens.weight"
 
 
 class _Holder(torch.nn.Module):
     """What ComfyUI manages: ComfyUI sets `module.device`, a read-only property on transformers models.
-    Its state dict lists the embedding once (T5's input embedding is tied to it), so that ComfyUI's
-    memory accounting, which sums the state dict, counts each weight once, at its stored size."""
+    Its state dict lists the embedding once (T5's input embedding is tied to it) and an int8 weight as the
+    tensors that hold it (values and scales), so that ComfyUI's memory accounting, which sums the state dict,
+    counts each weight once, at its stored size."""
 
     def __init__(self, t5: torch.nn.Module) -> None:
         super().__init__()
@@ -37,6 +41,8 @@ class _Holder(torch.nn.Module):
         state = super().state_dict(*args, **kwargs)
         for key in [k for k in state if k.endswith(_TIED)]:
             del state[key]
+        for key in [k for k, v in state.items() if hasattr(type(v), "__tensor_flatten__")]:
+            state.update(stored_parts(key, state.pop(key)))
         return state
 
 
@@ -65,7 +71,11 @@ class T5Handle:
         self.managed = device_choice == "auto"
         load_device = mm.text_encoder_device() if self.managed else torch.device("cpu")
         offload_device = mm.text_encoder_offload_device() if self.managed else torch.device("cpu")
-        storage = dtype_choice if dtype_choice.startswith("fp8") else None
+        if dtype_choice == "int8" and load_device.type != "cpu":
+            raise ella.EllaError(f"T5 dtype int8 runs on the CPU only, and device auto would encode on {load_device}: "
+                                 "set Load T5 Encoder (ELLA)'s device to cpu for int8, or pick fp8_e4m3fn or fp16 "
+                                 "to encode on the GPU.")
+        storage = dtype_choice if dtype_choice in _STORAGE_CHOICES else None
         dtype = resolve_dtype(None if dtype_choice == "auto" or storage else dtype_choice, load_device)
         self.encoder = ella.load_t5(path, device=offload_device, dtype=dtype, storage_dtype=storage, roots=roots,
                                     progress=progress)

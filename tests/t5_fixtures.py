@@ -7,6 +7,7 @@ API for other test files:
     write_t5_tokenizer(folder, kind="json")              (kind: "json", "spiece", "both")
     real_tokenizer_json() -> Path | None                 (the real T5 vocabulary, when present)
     reference_features(state_dict, config, input_ids, attention_mask) -> Tensor
+    load_peak_over_weights(folder, load_kwargs, check="") -> float   (a load's peak RSS in a fresh process)
 
 The real T5 tokenizer.json (32,100 tokens) ships in tests/data/t5_tokenizer ($ELLA_T5_TOKENIZER_DIR names
 another folder); where a folder without it is named, a small stand-in T5-style vocabulary is written instead.
@@ -21,6 +22,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -108,6 +111,28 @@ def reference_features(
     model.load_state_dict({**encoder_state, "shared.weight": embed, "encoder.embed_tokens.weight": embed})
     with torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+
+
+def load_peak_over_weights(folder: Path, load_kwargs: str, check: str = "") -> float:
+    """In a fresh process (imports of torch, transformers, torchao if present, and ella done first):
+    `ella.load_t5(folder, <load_kwargs>)`, then its peak RSS above the imports' baseline over the bytes its
+    parameters really hold. `check` is a Python expression about `enc` that must hold."""
+    code = (
+        "import sys, importlib.util, torch, transformers, ella\n"
+        "if importlib.util.find_spec('torchao'): import torchao.quantization\n"
+        "from ella.t5_int8 import stored_bytes\n"
+        "status = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := current RSS\n"
+        "base = status('VmRSS')\n"
+        f"enc = ella.load_t5(sys.argv[1], {load_kwargs})\n"
+        "weights = sum(stored_bytes(p) for p in enc.model.parameters())\n"
+        f"assert {check or 'True'}\n"
+        "print((status('VmHWM') - base) / weights)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(folder)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def make_t5_folder(

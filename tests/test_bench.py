@@ -33,9 +33,11 @@ def test_bench_scripts_run_on_tiny_models(tmp_path):
     assert {(r["layout"], r["dtype"], r["loader"]) for r in t5["t5_loading"]} >= {("single", "fp16", "ella"),
                                                                               ("folder", "fp32", "transformers")}
     fp8 = {r["case"]: r for r in json.loads((tmp_path / "t5_fp8.json").read_text())["t5_fp8"]}
-    assert set(fp8) == {"fp32", "fp16", "fp8_e4m3fn, fp16 compute"}  # fp32: the reference, always measured
+    assert set(fp8) == {"fp32", "fp16", "fp8_e4m3fn, fp16 compute", "int8"}  # fp32: the reference, always measured
     assert fp8["fp32"]["max_rel_error"] == 0 and fp8["fp8_e4m3fn, fp16 compute"]["max_rel_error"] > 0
     assert fp8["fp8_e4m3fn, fp16 compute"]["peak_vs_same_compute"] > 0
+    assert fp8["int8"]["storage"] == "int8" and fp8["int8"]["max_rel_error"] > 0  # torchao's int8, on the CPU
+    assert fp8["int8"]["peak_vs_same_compute"] > 0 and fp8["int8"]["encode_cpu_vs_same_compute"] > 0
     assert "| fp8_e4m3fn, fp16 compute |" in (tmp_path / "latest.md").read_text()
     memory = json.loads((tmp_path / "sampling_memory.json").read_text())["sampling_memory"]
     assert [r["free_gib_at_start"] for r in memory] == [None, 5.0]

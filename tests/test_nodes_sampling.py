@@ -451,6 +451,25 @@ def test_t5_dtype_choices(env):
     assert bf16.prompt("a bf16 prompt", None).features.dtype == torch.bfloat16
 
 
+def test_int8_t5_on_the_cpu_encodes_and_samples(env):
+    """Load T5 with dtype int8 and device cpu, encode, sample: every evaluation gets the connector's context of
+    the int8 features (which are not the fp32 encoder's)."""
+    pytest.importorskip("torchao.quantization", reason="int8 needs torchao (requirements-host.txt)")
+    pack, unet, ella = env.pack, env.unet, env.ella
+    name = next(n for n, p in pack.nodes.folders.t5_choices().items() if p == env.t5.encoder.path)
+    int8 = Env(pack, unet, ella, pack.nodes.loaders.LoadT5Encoder().load(name, "int8", "cpu")[0], env.models)
+    assert int8.t5.encoder.storage_dtype == torch.int8 and not int8.t5.managed
+    pos, neg = encode(int8, "a red cube on a blue sphere"), encode(int8, "")
+    features = pos[0][1]["model_conds"]["ella_prompt"].cond[0].features
+    assert not torch.equal(features, encode(env, "a red cube on a blue sphere")[0][1]["model_conds"]["ella_prompt"]
+                           .cond[0].features)
+    model = pack.nodes.apply.ApplyElla().apply(unet, ella)[0]
+    with UNetSpy(unet) as spy:
+        out = sample(model, pos, neg, steps=3)
+    assert torch.isfinite(out).all() and len(spy.calls) == 3
+    match_sides(int8, spy, pos, neg)
+
+
 def test_fp8_storage_runs_the_connector_in_a_compute_dtype(env, monkeypatch):
     pack, unet, ella = env.pack, env.unet, env.ella
     monkeypatch.setattr(unet.model, "get_dtype", lambda: torch.float8_e4m3fn)

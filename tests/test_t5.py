@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import pickle
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from t5_fixtures import (
     AUTHORS_FOLDER,
     LAYOUTS,
     PROMPTS,
+    load_peak_over_weights,
     make_t5_folder,
     real_tokenizer_json,
     reference_features,
@@ -348,21 +347,8 @@ def test_loading_peak_memory_stays_near_the_weights_in_the_target_dtype(tmp_path
     would each add at least 100 MB)."""
     config = tiny_t5_config(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=8)
     folder = make_t5_folder(tmp_path, "hf", config=config)
-    code = (
-        "import sys, torch, transformers, ella\n"
-        "status = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := current RSS\n"
-        "base = status('VmRSS')\n"
-        "rss = lambda: status('VmHWM')\n"
-        "enc = ella.load_t5(sys.argv[1], dtype=torch.bfloat16)\n"
-        "weights = sum(p.numel() * p.element_size() for p in enc.model.parameters())\n"
-        "assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}\n"
-        "print((rss() - base) / weights)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) <= 1.25
+    check = "{p.dtype for p in enc.model.parameters()} == {torch.bfloat16}"
+    assert load_peak_over_weights(folder, "dtype=torch.bfloat16", check) <= 1.25
 
 
 # ---------------------------------------------------------------- errors

@@ -1,5 +1,6 @@
-"""Load T5 Encoder (ELLA)'s fp8 and cpu choices in a real ComfyUI: what its memory manager counts, that
-`cpu` never hands T5 to it, the load's progress bar, and cancelling a load."""
+"""Load T5 Encoder (ELLA)'s fp8, int8 and cpu choices in a real ComfyUI: what its memory manager counts, that
+`cpu` never hands T5 to it, int8 refused where T5 would go to a GPU, the load's progress bar, and cancelling a
+load."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def load(pack, name, dtype="auto", device=None):
 
 def test_inputs_old_workflows_keep_loading(pack):
     inputs = pack.nodes.loaders.LoadT5Encoder.INPUT_TYPES()
-    assert inputs["required"]["dtype"][0] == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+    assert inputs["required"]["dtype"][0] == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "int8"]
     assert list(inputs["required"]) == ["t5_name", "dtype"]  # saved widget values keep their order
     assert inputs["optional"]["device"][0] == ["auto", "cpu"] and inputs["optional"]["device"][1]["default"] == "auto"
 
@@ -55,6 +56,41 @@ def test_memory_manager_counts_fp8_weights_at_one_byte(pack, name):
     every = {id(p): p for p in fp8.encoder.model.parameters()}.values()  # the tied embedding once
     assert fp8.patcher.model_size() == sum(p.numel() * p.element_size() for p in every)
     assert fp32.patcher.model_size() - fp8.patcher.model_size() == 3 * linear
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])  # auto: the CI hosts run on the CPU (--cpu)
+def test_int8_choice_stores_torchao_int8_weights_and_encodes_once_per_prompt(pack, name, device):
+    pytest.importorskip("torchao.quantization", reason="int8 needs torchao (requirements-host.txt)")
+    t5 = load(pack, name, "int8", device)
+    params = dict(t5.encoder.model.named_parameters())
+    assert {p.qdata.dtype for n, p in params.items() if n.endswith(LINEAR)} == {torch.int8}
+    assert {p.dtype for n, p in params.items() if not n.endswith(LINEAR)} == {torch.float32}
+    assert t5.encoder.storage_dtype == torch.int8 and t5.managed == (device == "auto")
+    first = t5.prompt("a red cube", None)
+    assert first.features.dtype == torch.float32 and torch.isfinite(first.features).all()
+    assert t5.prompt("a red cube", None) is first and t5.encodes == 1  # the prompt cache, as for every dtype
+    fp32 = load(pack, name, "fp32").prompt("a red cube", None)
+    assert not torch.equal(first.features, fp32.features)  # int8 kernels, not the fp32 encoder
+
+
+def test_memory_manager_counts_int8_weights_at_one_byte_plus_scales(pack, name):
+    pytest.importorskip("torchao.quantization", reason="int8 needs torchao (requirements-host.txt)")
+    int8, fp32 = load(pack, name, "int8", "cpu"), load(pack, name, "fp32")
+    model = int8.encoder.model
+    linear = [p for n, p in model.named_parameters() if n.endswith(LINEAR)]
+    scales = sum(t.numel() * t.element_size() for p in linear for t in (p.scale, p.zero_point))
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.endswith(LINEAR))
+    # the quantized weights report their compute dtype (4 bytes an element); they hold 1, plus a scale per row
+    assert int8.patcher.model_size() == sum(p.numel() for p in linear) + scales + other
+    assert fp32.patcher.model_size() - int8.patcher.model_size() == 3 * sum(p.numel() for p in linear) - scales
+
+
+def test_int8_where_t5_would_go_to_a_gpu_is_refused_naming_cpu(pack, name, monkeypatch):
+    import comfy.model_management as mm
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: torch.device("cuda", 0))
+    with pytest.raises(pack.ella.EllaError, match="int8 runs on the CPU only, and device auto would encode on "
+                                                  "cuda:0: set Load T5 Encoder \(ELLA\)'s device to cpu"):
+        load(pack, name, "int8", "auto")
 
 
 def test_the_tied_embedding_is_counted_once(pack, name):
@@ -109,13 +145,14 @@ def test_unknown_device_is_a_clear_error(pack, name):
         load(pack, name, "auto", "gpu")
 
 
-def test_loading_drives_the_hosts_progress_bar(pack, name):
+@pytest.mark.parametrize("dtype", ["fp8_e5m2", "int8"])
+def test_loading_drives_the_hosts_progress_bar(pack, name, dtype):
     import comfy.utils
     seen = []
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: seen.append((value, total)))
     try:
-        t5 = load(pack, name, "fp8_e5m2")
+        t5 = load(pack, name, dtype)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
     total = len(t5.encoder.model.state_dict()) - 1  # the tied embedding is read once
@@ -123,12 +160,13 @@ def test_loading_drives_the_hosts_progress_bar(pack, name):
     assert [v for v, _ in seen] == sorted({v for v, _ in seen})  # one bar, counting up
 
 
-def test_cancel_stops_a_load(pack, name):
+@pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "int8"])
+def test_cancel_stops_a_load(pack, name, dtype):
     import comfy.model_management as mm
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            load(pack, name, "fp8_e4m3fn")
+            load(pack, name, dtype)
     finally:
         mm.interrupt_current_processing(False)
-    assert load(pack, name, "fp8_e4m3fn").prompt("a cat", None).features.shape[-1] == 32  # the next load runs
+    assert load(pack, name, dtype).prompt("a cat", None).features.shape[-1] == 32  # the next load runs
