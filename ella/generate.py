@@ -33,6 +33,7 @@ from .errors import EllaError
 from .generate_models import SCHEDULERS, ModelFiles, load_pipeline
 from .image_files import remove_stale_temporaries, tile_grid, to_uint8, write_png
 from .prompt_files import Prompt, read_prompts
+from .t5 import T5_MAX_TOKENS, resolve_dtype
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -133,8 +134,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EllaError(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}.")
     if args.resolution % 8:
         raise EllaError(f"--resolution must be a multiple of 8 (the VAE's scale); got {args.resolution}.")
-    if not 1 <= args.fixed_tokens <= 512:
-        raise EllaError(f"--fixed-tokens must be from 1 to 512 (T5's limit); got {args.fixed_tokens}.")
+    if not 1 <= args.fixed_tokens <= T5_MAX_TOKENS:
+        raise EllaError(f"--fixed-tokens must be from 1 to {T5_MAX_TOKENS} (T5's limit); got {args.fixed_tokens}.")
     if args.out.exists() and not args.out.is_dir():
         raise EllaError(f"{args.out}: exists and is not a folder; OUT is the folder the PNG files go to.")
 
@@ -148,9 +149,7 @@ def _on_cpu() -> bool:
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return resolve_dtype(None if name == "auto" else name, device)
 
 
 def _settings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, t5_dtype: torch.dtype) -> dict:
@@ -214,8 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit status: 0 when every prompt has its files, 1 when some prompt files were
     refused or images failed, 2 when nothing could run (bad arguments, unreadable models)."""
     args = build_parser().parse_args(argv)
-    from accelerate import PartialState
-
+    try:
+        from accelerate import PartialState
+    except ImportError as e:
+        log.error("ELLA generate needs the `accelerate` package, which could not be imported (%s): "
+                  "pip install accelerate diffusers", e)
+        return 2
     state = PartialState(cpu=_on_cpu())
     try:
         _check_args(args)

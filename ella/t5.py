@@ -105,7 +105,12 @@ class T5Encoder(torch.nn.Module):
         return f"path={str(self.path)!r}, layers={c.num_layers}, d_model={c.d_model}, dtype={self.dtype}{stored}"
 
     def to(self, *args: object, **kwargs: object) -> T5Encoder:
-        """nn.Module.to that keeps `device` and `dtype` in step with the weights; returns self."""
+        """nn.Module.to that keeps `device` and `dtype` in step with the weights; returns self. int8 weights
+        stay on the CPU (a move elsewhere is refused, naming cpu)."""
+        if self.storage_dtype == torch.int8:
+            device = torch._C._nn._parse_to(*args, **kwargs)[0]
+            if device is not None:
+                check_int8_setup(device, self.dtype)
         super().to(*args, **kwargs)
         self.device = self.model.shared.weight.device
         self.dtype = self.model.shared.weight.dtype

@@ -39,10 +39,7 @@ class Int8Quantizer:
     that torchao imports and that this torch and CPU run its int8 matrix multiply."""
 
     def __init__(self) -> None:
-        quantization = _torchao()
-        self._quantize = quantization.quantize_
-        # version 2: torchao's Int8Tensor; set_inductor_config=False: no process-wide compiler settings changed
-        self.config = quantization.Int8DynamicActivationInt8WeightConfig(version=2, set_inductor_config=False)
+        self._quantize, self.config = _torchao()
         self._check_kernels()
 
     def __call__(self, weight: torch.Tensor) -> torch.nn.Parameter:
@@ -66,7 +63,7 @@ class Int8Quantizer:
                 out = torch.nn.functional.linear(torch.randn(4, 64, generator=gen), weight)
             if out.shape != (4, 32) or not torch.isfinite(out).all():
                 raise RuntimeError(f"a test multiply gave {tuple(out.shape)} values, not 4x32 finite ones")
-        except (RuntimeError, NotImplementedError, AssertionError) as e:
+        except Exception as e:  # noqa: BLE001  (a torch, torchao or CPU that does not fit fails in many ways)
             raise EllaError(f"T5 dtype int8: this torch ({torch.__version__}) or CPU cannot run int8 matrix "
                             f"kernels ({type(e).__name__}: {str(e)[:200]}); {_INSTEAD}.") from None
 
@@ -92,15 +89,17 @@ def _release_freed_memory() -> None:
         _TRIM(0)
 
 
-def _torchao():  # -> the torchao.quantization module
+def _torchao() -> tuple[Callable, object]:
+    """torchao's `quantize_` and the config this module quantizes with (version 2: torchao's Int8Tensor;
+    set_inductor_config=False: no process-wide compiler settings changed)."""
     try:
-        import torchao.quantization as quantization
-        quantization.Int8DynamicActivationInt8WeightConfig  # noqa: B018  (older torchao releases lack it)
-    except Exception as e:  # noqa: BLE001  (a torchao built for another torch fails in many ways)
-        raise EllaError(f"T5 dtype int8 needs torchao, which cannot be used here ({type(e).__name__}: "
-                        f"{str(e)[:200]}); install it into ComfyUI's Python with `pip install {TORCHAO}`, "
-                        f"{_INSTEAD}.") from None
-    return quantization
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        return quantize_, Int8DynamicActivationInt8WeightConfig(version=2, set_inductor_config=False)
+    except Exception as e:  # noqa: BLE001  (a torchao built for another torch, or another release, fails in many ways)
+        version = getattr(sys.modules.get("torchao"), "__version__", "not installed")
+        raise EllaError(f"T5 dtype int8 needs torchao, which cannot be used here (torchao {version}; "
+                        f"{type(e).__name__}: {str(e)[:200]}); install it into ComfyUI's Python with "
+                        f"`pip install {TORCHAO}`, {_INSTEAD}.") from None
 
 
 def stored_parts(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

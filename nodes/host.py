@@ -87,7 +87,8 @@ def _empty_patcher(load_device: Any, offload_device: Any, disable_dynamic: bool 
 
 def _holds_nothing(original: Any, clone: Any) -> None:
     """ON_DEEPCLONE_MULTIGPU: the clone is sized by what it holds (nothing), not by the connector it copies."""
-    clone.size = 0
+    if isinstance(clone.model, NoConnectorHere):
+        clone.size = 0
 
 
 def _drop_empty(table: dict, kind: str) -> None:

@@ -78,6 +78,24 @@ def test_a_gpu_device_is_refused_naming_cpu(hf_folder: Path) -> None:
         load_t5(hf_folder, device="cuda:0", storage_dtype="int8")
 
 
+def test_an_int8_encoder_is_not_moved_to_a_gpu(hf_folder: Path) -> None:
+    enc = load_t5(hf_folder, storage_dtype="int8")
+    with pytest.raises(EllaError, match="int8 runs on the CPU only .* not on cuda: choose device cpu"):
+        enc.to("cuda")
+    assert enc.device.type == "cpu"
+    assert enc.to("cpu") is enc
+
+
+def test_a_torchao_without_this_config_is_a_clear_error(hf_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another torchao release (other packs install their own) whose config takes other arguments."""
+    def other_release(**kwargs: object) -> None:
+        raise TypeError("__init__() got an unexpected keyword argument 'version'")
+
+    monkeypatch.setattr(torchao_quantization, "Int8DynamicActivationInt8WeightConfig", other_release)
+    with pytest.raises(EllaError, match=r"int8 needs torchao.*TypeError.*pip install torchao==0\.18\.0"):
+        load_t5(hf_folder, storage_dtype="int8")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "fp16"])
 def test_another_compute_dtype_is_refused(hf_folder: Path, dtype) -> None:
     with pytest.raises(EllaError, match="int8 computes in float32"):
