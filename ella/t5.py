@@ -28,7 +28,7 @@ from .errors import EllaError, EllaLoadError, fenced
 from .safetensors_io import TensorInfo, load_tensors, read_header
 from .t5_files import WeightFiles, find_tokenizer, find_weights, read_small_text
 from .t5_fp8 import linear_weight_names, resolve_storage, store_linears_in_fp8
-from .t5_int8 import Int8Quantizer, check_int8_setup, stored_parts
+from .t5_int8 import Int8Quantizer, check_int8_setup, stored_parts, use_int8_linears
 from .t5_tokenizer import T5_MAX_TOKENS, T5PromptTokenizer, TokenizedPrompts, read_tokenizer_file
 
 __all__ = [
@@ -229,6 +229,7 @@ def load_t5(
     convert: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if storage == torch.int8:  # read in float32 (dtype), quantized as soon as each is read
         convert = dict.fromkeys(linear_weight_names(model), Int8Quantizer())
+        use_int8_linears(model)
     elif storage is not None:
         store_linears_in_fp8(model)
         dtypes.update(dict.fromkeys(linear_weight_names(model), storage))

@@ -1,10 +1,13 @@
 """int8 storage and int8 matrix kernels for T5's linear layers on the CPU, through torchao.
 
 Each linear layer's weight is handed to torchao's dynamic int8 quantization (int8 weights with one scale per
-output channel; at each call the input is quantized per token and multiplied with `torch._int_mm`) as soon as
-it is read, so the load never holds more than one full-precision weight at a time. Embeddings, layer norms
-and the position-bias table stay in the compute dtype (float32). torchao is needed for this dtype only, and
-is imported when it is asked for.
+output channel) as soon as it is read, so the load never holds more than one full-precision weight at a time.
+At each call, `Int8Linear` quantizes the input per token with torchao and multiplies signed int8 by signed
+int8 with `torch._int_mm`: the same integers and the same float scaling as torchao's own linear, without the
+unsigned-input branch torchao 0.18 takes in eager mode on CPUs with AVX-512 VNNI and no AMX, which sums every
+weight's columns again at each call (meant for its compiler to fold) and so costs more than the multiply.
+Embeddings, layer norms and the position-bias table stay in the compute dtype (float32). torchao is needed
+for this dtype only, and is imported when it is asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from .errors import EllaError
 
-__all__ = ["TORCHAO", "Int8Quantizer", "check_int8_setup", "stored_bytes", "stored_parts"]
+__all__ = ["TORCHAO", "Int8Linear", "Int8Quantizer", "check_int8_setup", "int8_linear", "stored_bytes", "stored_parts",
+           "use_int8_linears"]
 
 TORCHAO = "torchao==0.18.0"  # the release tested; `pip install` it into ComfyUI's Python
 _INSTEAD = "or load T5 as fp32 (4.7 GB for FLAN-T5-XL) or fp8_e4m3fn (1.3 GB, slower) instead"
@@ -32,6 +36,32 @@ def check_int8_setup(device: torch.device, dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         raise EllaError(f"T5 dtype int8 computes in float32 (the dtype its scales and outputs are in), not in "
                         f"{dtype}; leave the compute dtype unset (or float32) with storage int8.")
+
+
+def int8_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a torchao int8 `weight` (dynamic per-token input quantization, as its config says):
+    torchao's input quantization, a signed int8 multiply into int32 (`torch._int_mm`), then the input's and
+    the weight's scales applied in torchao's order, so the result equals torchao's linear bit for bit."""
+    act = weight.act_quant_kwargs
+    q = type(weight).from_hp(input, act.granularity, mapping_type=act.mapping_type, reduce_range=act.reduce_range)
+    rows = q.qdata.reshape(-1, q.qdata.shape[-1])
+    scaled = torch._int_mm(rows, weight.qdata.t()).to(torch.float32) * q.scale.reshape(-1, 1).to(torch.float32)
+    out = (scaled.to(input.dtype) * weight.scale.flatten()).reshape(*input.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+class Int8Linear(torch.nn.Linear):
+    """A Linear whose weight is a torchao int8 weight, multiplied with int8 kernels (`int8_linear`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return int8_linear(input, self.weight, self.bias)
+
+
+def use_int8_linears(model: torch.nn.Module) -> None:
+    """Swap the class of `model`'s Linear layers to Int8Linear (done once, at build, before the weights)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Int8Linear
 
 
 class Int8Quantizer:
@@ -60,7 +90,7 @@ class Int8Quantizer:
         try:
             weight = self(torch.randn(32, 64, generator=gen))
             with torch.no_grad():
-                out = torch.nn.functional.linear(torch.randn(4, 64, generator=gen), weight)
+                out = int8_linear(torch.randn(4, 64, generator=gen), weight)
             if out.shape != (4, 32) or not torch.isfinite(out).all():
                 raise RuntimeError(f"a test multiply gave {tuple(out.shape)} values, not 4x32 finite ones")
         except Exception as e:  # noqa: BLE001  (a torch, torchao or CPU that does not fit fails in many ways)

@@ -50,7 +50,7 @@ class LoadT5Encoder:
                 "change images noticeably. fp8_e4m3fn / fp8_e5m2: the linear layers' weights stored in 8 bits "
                 "(about half of fp16's memory), computed as auto does; features move from fp16's, so check your images. "
                 "int8 (device cpu; needs torchao): linear layers in int8 with int8 kernels, about 30% of fp32's "
-                "memory, features much closer to fp32's than fp8's; 1-2x fp32's encode time.")}),
+                "memory and about 0.3x its encode time, features much closer to fp32's than fp8's.")}),
         }, "optional": {  # optional: workflows saved before it existed load and run as before (auto)
             "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": (
                 "auto: ComfyUI moves T5 to the GPU to encode and off it when the UNet needs room. cpu: T5 "

@@ -5,6 +5,7 @@ load's peak memory, and clear errors (GPU, compute dtype, torchao missing, no in
 from __future__ import annotations
 
 import copy
+import importlib
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import T5EncoderModel
 
 from ella.errors import EllaError
 from ella.t5 import T5Encoder, load_t5
-from ella.t5_int8 import stored_bytes
+from ella.t5_int8 import Int8Linear, stored_bytes
 
 torchao_quantization = pytest.importorskip("torchao.quantization", reason="int8 needs torchao (requirements-host.txt)")
 
@@ -45,6 +46,26 @@ def test_int8_equals_torchaos_quantized_model_bit_for_bit(hf_folder: Path, state
     assert torch.equal(features, torchao_reference(state, enc))
     # and it is not the fp32 encoder: the weights and activations really were quantized
     assert not torch.equal(features, load_t5(hf_folder).encode(PROMPTS).features)
+
+
+def test_int8_layers_multiply_signed_int8_without_torchaos_eager_cpu_matmul(
+        hf_folder: Path, state: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao 0.18's eager CPU matmul sums every weight's columns again at each call on AVX-512 VNNI CPUs
+    without AMX (several times the multiply's own cost); the pack's layers call torch._int_mm themselves."""
+    enc = load_t5(hf_folder, storage_dtype="int8")
+    want = torchao_reference(state, enc)
+    linears = [m for m in enc.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and {type(m) for m in linears} == {Int8Linear}
+
+    def not_here(*args: object) -> None:
+        raise AssertionError("torchao's eager CPU int8 matmul was called")
+
+    monkeypatch.setattr(importlib.import_module("torchao.kernel.intmm"), "_int_scaled_matmul_cpu", not_here)
+    multiplies = []
+    real_int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: multiplies.append(a.dtype) or real_int_mm(a, b))
+    assert torch.equal(enc.encode(PROMPTS).features, want)
+    assert multiplies and set(multiplies) == {torch.int8}  # signed inputs: no unsigned copy, no column sums
 
 
 @pytest.mark.parametrize("spelling", ["int8", "INT8", "torch.int8", torch.int8])

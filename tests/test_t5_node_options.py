@@ -89,7 +89,7 @@ def test_int8_where_t5_would_go_to_a_gpu_is_refused_naming_cpu(pack, name, monke
     import comfy.model_management as mm
     monkeypatch.setattr(mm, "text_encoder_device", lambda: torch.device("cuda", 0))
     with pytest.raises(pack.ella.EllaError, match="int8 runs on the CPU only, and device auto would encode on "
-                                                  "cuda:0: set Load T5 Encoder \(ELLA\)'s device to cpu"):
+                                                  r"cuda:0: set Load T5 Encoder \(ELLA\)'s device to cpu"):
         load(pack, name, "int8", "auto")
 
 
