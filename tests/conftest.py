@@ -23,6 +23,22 @@ def t5_tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+def state():
+    """The tiny T5's weights (seed 0), as the T5 tests build their folders from."""
+    from t5_fixtures import tiny_t5_state_dict
+
+    return tiny_t5_state_dict(seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face folder (config, weights, tokenizer) of the tiny T5, once per test module."""
+    from t5_fixtures import make_t5_folder
+
+    return make_t5_folder(tmp_path_factory.mktemp("t5"), "hf")
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """torch on one thread for a module of tiny models (several threads spin-wait against each other on a loaded
     machine); use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""

@@ -160,7 +160,7 @@ def distributed(servers, graph: dict, workers: list[str], *, delegate: bool = Fa
 
 def assert_same(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert len(got) == len(expected)
-    for i, (a, b) in enumerate(zip(got, expected)):
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert torch.equal(a, b), f"image {i}: {(a - b).abs().max()} off"
 
 

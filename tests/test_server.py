@@ -103,7 +103,8 @@ def test_object_info_lists_our_nodes_with_choices_and_defaults(object_info):
     assert ELLA_FILE in object_info["EllaNodes_LoadEllaModel"]["input"]["required"]["ella_name"][0]
     t5 = object_info["EllaNodes_LoadT5Encoder"]["input"]["required"]
     assert T5_NAME in t5["t5_name"][0]
-    assert t5["dtype"][0] == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "int8"] and t5["dtype"][1]["default"] == "auto"
+    assert t5["dtype"][0] == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "int8"]
+    assert t5["dtype"][1]["default"] == "auto"
     device = object_info["EllaNodes_LoadT5Encoder"]["input"]["optional"]["device"]  # optional: old graphs run
     assert device[0] == ["auto", "cpu"] and device[1]["default"] == "auto"
     encode = object_info["EllaNodes_TextEncode"]["input"]

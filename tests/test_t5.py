@@ -42,16 +42,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def state() -> dict[str, torch.Tensor]:
-    return tiny_t5_state_dict(seed=0)
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_t5_folder(tmp_path_factory.mktemp("t5"), "hf")
-
-
-@pytest.fixture(scope="module")
 def encoder(hf_folder: Path) -> T5Encoder:
     return load_t5(hf_folder)
 

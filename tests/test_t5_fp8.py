@@ -22,16 +22,6 @@ LINEAR = ("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.w
 NOT_ALONE = {"single_bare", "pytorch_bin"}  # as in test_t5.py: each needs more than a path
 
 
-@pytest.fixture(scope="module")
-def state() -> dict[str, torch.Tensor]:
-    return tiny_t5_state_dict(seed=0)
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_t5_folder(tmp_path_factory.mktemp("t5"), "hf")
-
-
 def to_fp8(weight: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     """What storing in fp8 means: saturate at the format's range, then round."""
     limit = torch.finfo(storage).max

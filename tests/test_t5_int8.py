@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from t5_fixtures import LAYOUTS, PROMPTS, load_peak_over_weights, make_t5_folder, tiny_t5_config, tiny_t5_state_dict
-from test_t5_fp8 import LINEAR, NOT_ALONE, hf_folder, state  # noqa: F401  (fixtures: the same tiny T5)
+from test_t5_fp8 import LINEAR, NOT_ALONE
 from transformers import T5EncoderModel
 
 from ella.errors import EllaError
