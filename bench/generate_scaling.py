@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--processes", type=int, default=2, help="N, compared with 1")
+    parser.add_argument("--processes", type=int, default=2, help="N, compared with 1 (1: the one-process rate alone, "
+                        "e.g. on a machine with one GPU)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "generate-work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -106,8 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
               "--resolution", str(args.resolution), "--steps", str(args.steps)]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cases = {"1 process": [sys.executable], f"{args.processes} processes": launch}
-    if not torch.accelerator.is_available():
+    cases = {"1 process": [sys.executable]}
+    if args.processes > 1:
+        cases[f"{args.processes} processes"] = launch
+    if args.processes > 1 and not torch.accelerator.is_available():
         cases[f"1 process, {args.processes} threads"] = [sys.executable]
     rows, first = [], None
     for name, head in cases.items():
@@ -123,11 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
         else:  # N processes: the files of 1, byte for byte; N threads: not expected to be
             rows[-1]["same_bytes_as_1_process"] = _files(out) == _files(first)
         sys.stderr.write(f"{name}: {rows[-1]}\n")
-    one, many = rows[0]["images_per_s"], rows[1]["images_per_s"]
+    one, many = rows[0]["images_per_s"], rows[1]["images_per_s"] if args.processes > 1 else None
     results = {"generate_scaling": rows, "unet": "SD1.5 layout (859.5 M, random)" if args.full_unet else "tiny (random)",
                "resolution": args.resolution, "steps": args.steps, "prompts": args.prompts,
-               "per_prompt": args.per_prompt, "speedup": round(many / one, 2),
-               "efficiency": round(many / (args.processes * one), 2)}
+               "per_prompt": args.per_prompt, "device": torch.accelerator.current_accelerator().type
+               if torch.accelerator.is_available() else "cpu"}
+    if many is not None:
+        results.update(speedup=round(many / one, 2), efficiency=round(many / (args.processes * one), 2))
     write(f"generate_scaling-{'full' if args.full_unet else 'tiny'}", results, args.out)
     return results
 
