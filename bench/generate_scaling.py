@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     one, many = rows[0]["images_per_s"], rows[1]["images_per_s"] if args.processes > 1 else None
     results = {"generate_scaling": rows, "unet": "SD1.5 layout (859.5 M, random)" if args.full_unet else "tiny (random)",
                "resolution": args.resolution, "steps": args.steps, "prompts": args.prompts,
-               "per_prompt": args.per_prompt, "device": torch.accelerator.current_accelerator().type
-               if torch.accelerator.is_available() else "cpu"}
+               "per_prompt": args.per_prompt}
     if many is not None:
         results.update(speedup=round(many / one, 2), efficiency=round(many / (args.processes * one), 2))
     write(f"generate_scaling-{'full' if args.full_unet else 'tiny'}", results, args.out)
